@@ -1,0 +1,66 @@
+"""Pure tensor functions that choose and gather tokens. No modules, no state.
+
+Shapes: ``B`` batch, ``N`` current patch tokens, ``C`` channels, ``K`` kept tokens.
+Kept tokens always stay in their original order, so a pruned sequence is a subsequence of
+the one it came from (this keeps the gather cheap to check and easy to visualise).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["batch_gather", "topk_indices", "threshold_indices", "num_kept"]
+
+
+def batch_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather ``x[b, index[b, k]]`` for every ``b, k``.
+
+    Args:
+        x: ``(B, N)`` or ``(B, N, C)``.
+        index: ``(B, K)`` integer indices into dimension 1.
+    """
+    if x.dim() == 2:
+        return torch.gather(x, 1, index)
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def num_kept(fraction: float, total: int) -> int:
+    """Tokens kept for a cumulative ``fraction`` of ``total`` patch tokens: rounded, at least one."""
+    return max(1, min(total, int(round(fraction * total))))
+
+
+def topk_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest logits of each row, in ascending order. ``logits``: ``(B, N)``."""
+    index = torch.topk(logits, k, dim=1, sorted=False).indices
+    return torch.sort(index, dim=1).values
+
+
+def threshold_indices(logits: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep tokens whose logit is > 0 (keep probability > 0.5), at least one per row.
+
+    Rows keep different counts, so the result is padded to the largest count.
+
+    Args:
+        logits: ``(B, N)`` keep logits.
+        valid: optional ``(B, N)`` bool, False for padding positions of a padded batch;
+            padding is never kept.
+
+    Returns:
+        ``index`` ``(B, K)``: kept positions first (in order), then arbitrary padding.
+        ``index_valid`` ``(B, K)`` bool: True for the real kept positions.
+    """
+    n = logits.shape[1]
+    keep = logits > 0
+    if valid is not None:
+        keep = keep & valid
+        logits = logits.masked_fill(~valid, float("-inf"))
+    # At least one token per image: the most likely one.
+    best = torch.zeros_like(keep).scatter_(1, logits.argmax(dim=1, keepdim=True), True)
+    keep = keep | (best & ~keep.any(dim=1, keepdim=True))
+    count = keep.sum(dim=1)
+    position = torch.arange(n, device=logits.device).expand_as(keep)
+    # Sort key: kept tokens in original order first, then the rest.
+    order = torch.argsort(torch.where(keep, position, position + n), dim=1)
+    k = int(count.max())
+    index = order[:, :k]
+    index_valid = torch.arange(k, device=logits.device).unsqueeze(0) < count.unsqueeze(1)
+    return index, index_valid
