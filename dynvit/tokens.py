@@ -25,7 +25,8 @@ def batch_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def num_kept(fraction: float, total: int) -> int:
     """Tokens kept for a cumulative ``fraction`` of ``total`` patch tokens: rounded, at least one."""
-    return max(1, min(total, int(round(fraction * total))))
+    total = int(total)  # shapes are tensors while tracing
+    return max(1, min(total, int(round(float(fraction) * total))))
 
 
 def topk_indices(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -54,7 +55,8 @@ def threshold_indices(logits: torch.Tensor, valid: torch.Tensor | None = None) -
         keep = keep & valid
         logits = logits.masked_fill(~valid, float("-inf"))
     # At least one token per image: the most likely one.
-    best = torch.zeros_like(keep).scatter_(1, logits.argmax(dim=1, keepdim=True), True)
+    top = logits.argmax(dim=1, keepdim=True)
+    best = torch.zeros_like(keep).scatter(1, top, torch.ones_like(top, dtype=torch.bool))
     keep = keep | (best & ~keep.any(dim=1, keepdim=True))
     count = keep.sum(dim=1)
     position = torch.arange(n, device=logits.device).expand_as(keep)

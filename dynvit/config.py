@@ -1,0 +1,321 @@
+"""Training configuration as data: dataclasses mirrored by the YAML files in ``configs/``.
+
+A run's config is built in three layers, each checked against the dataclasses below:
+the defaults, a YAML file, then ``--section.key value`` flags. Unknown keys and values of
+the wrong type are errors that name the key and list the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+
+__all__ = [
+    "ModelConfig", "DataConfig", "AugConfig", "LossConfig", "OptimConfig", "TauConfig", "TrainConfig",
+    "Config", "ConfigError", "load_config", "merge", "parse_overrides", "to_dict", "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist or a value that does not fit its field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deit_small_patch16_224"  # timm model name
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (img_size, patch_size, depth, ...)
+    pretrained: bool = False  # timm hub weights (needs network access)
+    pretrained_path: str | None = None  # local weight file, or a directory written by dynvit.save_pretrained
+    drop_path_rate: float = 0.0  # stochastic depth of the backbone
+    prune_loc: list[int] = field(default_factory=lambda: [3, 6, 9])  # blocks before which tokens are pruned; [] = dense
+    keep_ratio: float | list[float] = 0.7  # r (kept r**(s+1) after stage s) or one cumulative fraction per stage
+    sampler: str = "gumbel"  # training-time mask sampler: gumbel, deterministic or soft
+    predictor_hidden_ratio: float = 1.0  # predictor width as a multiple of the embedding width
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset root holding ImageFolder splits
+    train_split: str = "train"  # sub-folder with training images, one folder per class
+    val_split: str = "val"  # sub-folder with validation images (same class folders)
+    batch_size: int = 128  # global images per optimizer step (all processes and accumulation steps)
+    val_batch_size: int = 256  # validation images per process and batch
+    num_workers: int = 4  # data loader worker processes per training process
+    train_subset: int = 0  # use this many training images (class-balanced, seeded); 0 = all
+    val_subset: int = 0  # use this many validation images; 0 = all
+    input_size: int | None = None  # square image side; None = the model's default
+    interpolation: str | None = None  # resize interpolation; None = the model's default
+    crop_pct: float | None = None  # eval center-crop fraction; None = the model's default
+    mean: list[float] | None = None  # normalisation mean; None = the model's default
+    std: list[float] | None = None  # normalisation std; None = the model's default
+
+
+@dataclass
+class AugConfig:
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area range
+    hflip: float = 0.5  # horizontal flip probability
+    color_jitter: float | None = 0.4  # color jitter strength (ignored when auto_augment is set); None = off
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy string; None = off
+    re_prob: float = 0.25  # random erasing probability
+    mixup: float = 0.8  # mixup alpha; 0 = off
+    cutmix: float = 1.0  # cutmix alpha; 0 = off
+    mixup_prob: float = 1.0  # probability of applying mixup or cutmix to a batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    mixup_mode: str = "batch"  # how mixup parameters are drawn: batch, pair or elem
+    smoothing: float = 0.1  # label smoothing
+
+
+@dataclass
+class LossConfig:
+    cls_weight: float = 1.0  # classification (soft-target cross-entropy under mixup)
+    ratio_weight: float = 2.0  # squared gap between kept fraction and target, per image, averaged over stages
+    distill_logits_weight: float = 0.5  # KL(teacher || student) of the class distributions
+    distill_tokens_weight: float = 0.5  # MSE to the teacher's final tokens, on the kept patch tokens
+
+
+@dataclass
+class OptimConfig:
+    opt: str = "adamw"  # timm optimizer name
+    lr: float = 1e-3  # peak learning rate of the predictors (and of a dense model) for the global batch
+    min_lr: float = 1e-6  # final learning rate of the cosine schedule
+    warmup_lr: float = 0.0  # learning rate at step 0 of the warm-up
+    warmup_epochs: float = 5  # linear warm-up length
+    weight_decay: float = 0.05  # decoupled weight decay (not on biases, norms, embeddings)
+    eps: float = 1e-8  # optimizer epsilon
+    backbone_lr_scale: float = 0.01  # backbone learning rate relative to the predictors' (pruning runs)
+    backbone_freeze_epochs: float = 5  # backbone learning rate is 0 before this epoch (pruning runs)
+    frozen_params: list[str] = field(default_factory=list)  # parameter-name prefixes never trained (e.g. pos_embed)
+    clip_grad: float | None = None  # max gradient norm; None = no clipping
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    ema: bool = False  # keep an exponential moving average of the weights
+    ema_decay: float = 0.9999  # EMA decay per optimizer step
+
+
+@dataclass
+class TauConfig:
+    kind: str = "constant"  # constant, linear, cosine or exponential (see dynvit.schedule)
+    tau_start: float = 1.0  # Gumbel-sigmoid temperature at step 0
+    tau_end: float = 1.0  # temperature at the end of the annealing
+    anneal_epochs: float | None = None  # annealing length; None = the whole run
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30  # passes over the training set
+    seed: int = 0  # seed of initialisation, data order, augmentation and sampling
+    output_dir: str = "runs/dynvit"  # checkpoints, resolved config, metrics and the final model
+    mixed_precision: str = "no"  # no, bf16 or fp16 (fp16 needs a GPU)
+    save_every_steps: int = 0  # checkpoint every N optimizer steps (and at each epoch end); 0 = epoch ends only
+    keep_checkpoints: int = 2  # checkpoints kept on disk (oldest deleted first)
+    resume: str = ""  # "" = start fresh, "auto" = latest checkpoint in output_dir if any, or a checkpoint path
+    stop_after_steps: int = 0  # end the run (with a checkpoint) after this global step; 0 = run all epochs
+    log_every: int = 20  # optimizer steps between logged training metrics
+    eval_every_epochs: int = 1  # validate every N epochs (and after the last)
+    eval_modes: list[str] = field(default_factory=lambda: ["threshold", "topk", "none"])  # pruning modes validated
+    flops_images: int = 8  # validation images traced to count threshold-mode GMACs; 0 = skip GMACs
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers
+    progress_bar: bool = True  # tqdm bars on the main process
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tau: TauConfig = field(default_factory=TauConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    "model.sampler": ("gumbel", "deterministic", "soft"),
+    "aug.mixup_mode": ("batch", "pair", "elem"),
+    "tau.kind": ("constant", "linear", "cosine", "exponential"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+_POSITIVE = ("data.batch_size", "data.val_batch_size", "optim.lr", "optim.grad_accum_steps", "train.epochs", "train.log_every",
+             "train.eval_every_epochs", "tau.tau_start", "tau.tau_end", "train.keep_checkpoints")
+_NON_NEGATIVE = ("data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
+                 "optim.warmup_epochs", "optim.backbone_freeze_epochs", "train.save_every_steps", "train.stop_after_steps",
+                 "train.flops_images", "loss.cls_weight", "loss.ratio_weight", "loss.distill_logits_weight",
+                 "loss.distill_tokens_weight")
+
+
+# ---- type coercion ----------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(key: str, valid: list[str], section: str) -> ConfigError:
+    where = f" in '{section}'" if section else ""
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{where}.{hint} Valid keys: {', '.join(valid)}")
+
+
+# ---- building -----------------------------------------------------------------------------
+def merge(cfg: Any, updates: dict, prefix: str = "") -> Any:
+    """Return a copy of the dataclass ``cfg`` with the nested ``updates`` applied and checked."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {updates!r}")
+    hints = typing.get_type_hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg)]
+    changes = {}
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown_key(path, names, prefix.rstrip("."))
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = merge(current, value, f"{path}.")
+        else:
+            changes[key] = _coerce(value, hints[key], path)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _parse_value(text: str, tp) -> Any:
+    """A command-line string to a Python value: YAML syntax, except that str fields keep the text."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if text.lower() in ("null", "none", "~") and type(None) in options:
+        return None
+    if str in options:
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and "," in value and any(typing.get_origin(o) is list for o in options):
+        value = [yaml.safe_load(v) for v in value.split(",")]  # 3,6,9 as well as [3, 6, 9]
+    return value
+
+
+def parse_overrides(args: list[str], cfg: Config) -> dict:
+    """``["--optim.lr", "1e-4", "--model.prune_loc=[2,4]"]`` to a nested update dict."""
+    updates: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            text = args[i + 1]
+            i += 1
+        i += 1
+        section, dot, name = key.partition(".")
+        sections = [f.name for f in dataclasses.fields(cfg)]
+        if not dot or section not in sections:
+            raise _unknown_key(key, [f"{s}.*" for s in sections], "")
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        name, dot, item = name.partition(".")
+        if name not in hints:
+            raise _unknown_key(key, list(hints), section)
+        if dot and hints[name] is dict:  # --model.kwargs.depth 6 sets one entry of a mapping
+            current = updates.setdefault(section, {}).get(name, dict(getattr(sub, name)))
+            updates[section][name] = {**current, item: _parse_value(text, Any)}
+        elif dot:
+            raise ConfigError(f"--{key}: {section}.{name} is not a mapping")
+        else:
+            updates.setdefault(section, {})[name] = _parse_value(text, hints[name])
+    return updates
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that need more than a type: choices and ranges."""
+    flat = to_dict(cfg)
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        if flat[section][name] not in choices:
+            raise ConfigError(f"{key}: must be one of {choices}, got {flat[section][name]!r}")
+    for key in _POSITIVE + _NON_NEGATIVE:
+        section, name = key.split(".")
+        value = flat[section][name]
+        if value < 0 or (key in _POSITIVE and value == 0):
+            raise ConfigError(f"{key}: must be {'> 0' if key in _POSITIVE else '>= 0'}, got {value}")
+    bad_modes = [m for m in cfg.train.eval_modes if m not in ("threshold", "topk", "none")]
+    if bad_modes:
+        raise ConfigError(f"train.eval_modes: {bad_modes} not in ('threshold', 'topk', 'none')")
+    if cfg.model.pretrained and cfg.model.pretrained_path:
+        raise ConfigError("model.pretrained and model.pretrained_path are exclusive: hub weights or a local file")
+    if len(cfg.aug.scale) != 2 or not 0 < cfg.aug.scale[0] <= cfg.aug.scale[1] <= 1:
+        raise ConfigError(f"aug.scale: expected [min, max] with 0 < min <= max <= 1, got {cfg.aug.scale}")
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (CLI strings or a nested dict)."""
+    cfg = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {os.fspath(path)!r} not found")
+        with open(path) as f:
+            cfg = merge(cfg, yaml.safe_load(f) or {})
+    if overrides:
+        updates = parse_overrides(overrides, cfg) if isinstance(overrides, list) else overrides
+        cfg = merge(cfg, updates)
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically (a temp file renamed over the target)."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,151 @@
+"""DynamicViT's training objective, as named terms.
+
+``total = cls_weight * cls + ratio_weight * ratio + distill_logits_weight * distill_logits
++ distill_tokens_weight * distill_tokens``, where
+
+* ``cls``: cross-entropy with the labels (soft targets under Mixup, smoothed otherwise);
+* ``ratio``: per image and stage, the squared gap between the kept fraction of patch tokens
+  and the stage's target fraction, averaged over images and stages;
+* ``distill_logits``: ``KL(teacher || student)`` of the class distributions (temperature 1,
+  batch mean), as DynamicViT;
+* ``distill_tokens``: mean squared error between the student's and the teacher's final
+  (normed) patch tokens, over the tokens the student kept.
+
+Nothing here synchronises with the device: no ``.item()``, no boolean indexing.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+
+__all__ = ["LossTerms", "PruningLoss", "classification_criterion", "keep_ratio_loss", "distill_logits_loss",
+           "distill_tokens_loss"]
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor  # the weighted sum that is back-propagated
+    cls: torch.Tensor  # classification
+    ratio: torch.Tensor  # keep-ratio regulariser (unweighted)
+    distill_logits: torch.Tensor  # KL to the teacher's logits (unweighted)
+    distill_tokens: torch.Tensor  # MSE to the teacher's kept tokens (unweighted)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def classification_criterion(*, mixup: bool, smoothing: float) -> nn.Module:
+    """timm's soft-target cross-entropy under Mixup (which smooths the targets itself),
+    label-smoothing cross-entropy otherwise."""
+    if mixup:
+        return SoftTargetCrossEntropy()
+    if smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def keep_ratio_loss(keep_masks: Sequence[torch.Tensor], targets: Sequence[float]) -> torch.Tensor:
+    """Mean over stages and images of ``(kept fraction - target) ** 2``. ``keep_masks``: per
+    stage ``(B, N0)`` cumulative masks; ``targets``: cumulative fraction per stage."""
+    if len(keep_masks) != len(targets):
+        raise ValueError(f"{len(keep_masks)} keep masks for {len(targets)} target ratios")
+    gaps = [((m.float().mean(dim=1) - t) ** 2).mean() for m, t in zip(keep_masks, targets)]
+    return torch.stack(gaps).mean()
+
+
+def distill_logits_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(teacher) || softmax(student))``, batch mean, computed in float32."""
+    return F.kl_div(
+        F.log_softmax(student.float(), dim=-1), F.log_softmax(teacher.float(), dim=-1), reduction="batchmean", log_target=True
+    )
+
+
+def distill_tokens_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Squared error per channel, averaged over the kept patch tokens.
+
+    Args:
+        student, teacher: ``(B, N0, C)`` final patch tokens.
+        keep: ``(B, N0)`` keep mask (tokens with weight > 0.5 count); None = all tokens.
+    """
+    per_token = (student.float() - teacher.float()).pow(2).mean(dim=-1)  # (B, N0)
+    if keep is None:
+        return per_token.mean()
+    w = (keep.detach() > 0.5).to(per_token.dtype)
+    return (per_token * w).sum() / w.sum().clamp_min(1.0)
+
+
+class PruningLoss(nn.Module):
+    """DynamicViT's loss with named terms; DynamicViT's DeiT weights are the defaults.
+
+    Args:
+        criterion: classification criterion (see :func:`classification_criterion`).
+        keep_ratio: cumulative target fraction per stage (``model.keep_ratio``); empty for a
+            dense model (the ratio term is then 0).
+        cls_weight, ratio_weight, distill_logits_weight, distill_tokens_weight: term weights.
+    """
+
+    def __init__(
+        self,
+        criterion: nn.Module,
+        keep_ratio: Sequence[float] = (),
+        *,
+        cls_weight: float = 1.0,
+        ratio_weight: float = 2.0,
+        distill_logits_weight: float = 0.5,
+        distill_tokens_weight: float = 0.5,
+    ):
+        super().__init__()
+        self.criterion = criterion
+        self.keep_ratio = tuple(float(r) for r in keep_ratio)
+        self.cls_weight = cls_weight
+        self.ratio_weight = ratio_weight
+        self.distill_logits_weight = distill_logits_weight
+        self.distill_tokens_weight = distill_tokens_weight
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.distill_logits_weight > 0 or self.distill_tokens_weight > 0
+
+    def forward(
+        self,
+        output,
+        target: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_tokens: torch.Tensor | None = None,
+        num_prefix_tokens: int = 0,
+    ) -> LossTerms:
+        """Loss terms for a :class:`dynvit.PruningOutput` of the training pass.
+
+        Args:
+            output: student output (``logits``, ``keep_masks``, ``tokens``, ``token_mask``).
+            target: class indices ``(B,)`` or soft targets ``(B, K)``.
+            teacher_logits: ``(B, K)``; required when ``distill_logits_weight > 0``.
+            teacher_tokens: ``(B, P + N0, C)`` teacher's final normed tokens; required when
+                ``distill_tokens_weight > 0``.
+            num_prefix_tokens: ``P``, tokens before the patch tokens in both token tensors.
+        """
+        zero = output.logits.new_zeros((), dtype=torch.float32)
+        cls = self.criterion(output.logits.float(), target)
+        ratio = keep_ratio_loss(output.keep_masks, self.keep_ratio) if self.keep_ratio else zero
+        distill_logits = distill_tokens = zero
+        if self.distill_logits_weight > 0:
+            if teacher_logits is None:
+                raise ValueError("distill_logits_weight > 0 needs teacher_logits")
+            distill_logits = distill_logits_loss(output.logits, teacher_logits)
+        if self.distill_tokens_weight > 0:
+            if teacher_tokens is None or output.tokens is None:
+                raise ValueError("distill_tokens_weight > 0 needs teacher_tokens and a training output with tokens")
+            p = num_prefix_tokens
+            distill_tokens = distill_tokens_loss(output.tokens[:, p:], teacher_tokens[:, p:], output.token_mask)
+        total = (
+            self.cls_weight * cls
+            + self.ratio_weight * ratio
+            + self.distill_logits_weight * distill_logits
+            + self.distill_tokens_weight * distill_tokens
+        )
+        return LossTerms(total, cls, ratio, distill_logits, distill_tokens)

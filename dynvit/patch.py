@@ -1,0 +1,150 @@
+"""Turn a timm VisionTransformer into a token-pruning one, in place."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import timm
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .attention import check_block
+from .model import DynViTMixin
+from .predictor import TokenPredictor
+from .ratios import check_prune_mode, normalize_keep_ratio, normalize_prune_loc
+
+__all__ = ["patch", "build_model", "is_patched"]
+
+_log = logging.getLogger(__name__)
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, DynViTMixin)
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(f"DynViT{cls.__name__}", (DynViTMixin, cls), {"__module__": cls.__module__})
+    return _PATCHED_CLASSES[cls]
+
+
+def _check_supported(model: nn.Module) -> None:
+    if is_patched(model):
+        raise RuntimeError("this model is already patched by dynvit; patch the original timm model once")
+    if not isinstance(model, VisionTransformer):
+        raise NotImplementedError(
+            f"dynvit patches timm's VisionTransformer family (ViT, DeiT, DeiT-III, registers); got {type(model).__qualname__}"
+        )
+    if model.global_pool not in ("token", "avg"):
+        raise NotImplementedError(
+            f"global_pool={model.global_pool!r} is not supported; use 'token' or 'avg' (attention pooling and "
+            "unpooled outputs would need the dropped tokens)"
+        )
+    if model.attn_pool is not None:
+        raise NotImplementedError("attention pooling (global_pool='map') is not supported")
+    if not isinstance(model.patch_drop, nn.Identity):
+        raise NotImplementedError("patch_drop_rate > 0 (PatchDropout) is not supported: it drops tokens on its own; set it to 0")
+    if model.num_prefix_tokens and model.cls_token is None and model.reg_token is None and not hasattr(model, "dist_token"):
+        raise NotImplementedError("unknown prefix tokens")
+    for i, blk in enumerate(model.blocks):
+        check_block(blk, i)
+
+
+def patch(
+    model: VisionTransformer,
+    *,
+    prune_loc: Sequence[int] | int = (3, 6, 9),
+    keep_ratio: float | Sequence[float] = 0.7,
+    prune_mode: str = "threshold",
+    sampler: str = "gumbel",
+    predictor_hidden_ratio: float = 1.0,
+) -> VisionTransformer:
+    """Patch a timm VisionTransformer in place so that it learns to drop patch tokens.
+
+    State-dict keys stay timm's, plus ``predictors.{stage}.*``. The model keeps its mode,
+    device and dtype.
+
+    Args:
+        model: a timm ``VisionTransformer`` (DeiT, distilled DeiT, ViT, registers, LayerScale,
+            q/k-norm; any image or patch size; any depth).
+        prune_loc: block indices before which tokens are pruned (strictly increasing).
+        keep_ratio: a float ``r`` (kept fraction after stage ``s`` is ``r ** (s + 1)``) or one
+            cumulative fraction per stage (non-increasing), all in (0, 1].
+        prune_mode: eval-mode pruning, ``threshold``, ``topk`` or ``none``.
+        sampler: training-time mask sampler, ``gumbel``, ``deterministic`` or ``soft``.
+        predictor_hidden_ratio: predictor width as a multiple of the embedding width.
+
+    Returns:
+        The same model object, now an instance of a dynvit subclass of its class.
+
+    Raises:
+        RuntimeError: if the model is already patched.
+        NotImplementedError: for a model or part the pruning paths do not handle.
+        ValueError: for bad ``prune_loc``, ``keep_ratio``, ``prune_mode`` or ``sampler``.
+    """
+    _check_supported(model)
+    loc = normalize_prune_loc(prune_loc, len(model.blocks))
+    ratios = normalize_keep_ratio(keep_ratio, len(loc))
+    check_prune_mode(prune_mode)
+    ref = next(model.parameters())
+    predictors = nn.ModuleList()
+    for s in range(len(loc)):
+        prev = ratios[s - 1] if s else 1.0
+        predictors.append(
+            TokenPredictor(model.embed_dim, hidden_ratio=predictor_hidden_ratio, init_keep_prob=ratios[s] / prev)
+        )
+    predictors.to(device=ref.device, dtype=ref.dtype).train(model.training)
+
+    model.__class__ = _patched_class(type(model))
+    model.predictors = predictors
+    model.prune_loc = loc
+    model.predictor_hidden_ratio = predictor_hidden_ratio
+    model.keep_ratio = ratios
+    model.prune_mode = prune_mode
+    model.sampler = sampler
+    _log.info("patched %s: prune_loc=%s keep_ratio=%s", type(model).__name__, loc, tuple(round(r, 4) for r in ratios))
+    return model
+
+
+def build_model(
+    name: str,
+    *,
+    prune_loc: Sequence[int] | int = (3, 6, 9),
+    keep_ratio: float | Sequence[float] = 0.7,
+    pretrained: bool = False,
+    pretrained_path: str | None = None,
+    prune_mode: str = "threshold",
+    sampler: str = "gumbel",
+    predictor_hidden_ratio: float = 1.0,
+    **timm_kwargs,
+) -> VisionTransformer:
+    """Create a timm model by name and patch it.
+
+    Args:
+        name: timm model name, e.g. ``deit_small_patch16_224``.
+        prune_loc, keep_ratio, prune_mode, sampler, predictor_hidden_ratio: see :func:`patch`.
+        pretrained: load timm's pretrained weights (from the hub; needs network access).
+        pretrained_path: load a local weight file instead (timm or dynvit checkpoint,
+            ``.pth``/``.pt``/``.bin``/``.safetensors``); the position embedding is resampled
+            and the head reset when the image or class count differs.
+        **timm_kwargs: passed to ``timm.create_model`` (``num_classes``, ``img_size``,
+            ``drop_path_rate``, ``dynamic_img_size``, ...).
+    """
+    from .weights import load_weights
+
+    if pretrained and pretrained_path:
+        raise ValueError("give either pretrained=True (hub weights) or pretrained_path (a local file), not both")
+    model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    patch(
+        model,
+        prune_loc=prune_loc,
+        keep_ratio=keep_ratio,
+        prune_mode=prune_mode,
+        sampler=sampler,
+        predictor_hidden_ratio=predictor_hidden_ratio,
+    )
+    model.dynvit_meta = {"model_name": name, "timm_kwargs": dict(timm_kwargs)}
+    if pretrained_path:
+        load_weights(model, pretrained_path)
+    return model

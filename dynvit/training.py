@@ -1,0 +1,230 @@
+"""Pieces of the training loop that are not the loop: model construction from a config,
+parameter groups, the learning-rate rule, per-step seeding, checkpoints and evaluation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from .config import Config, save_config
+from .hub import weights_file
+from .model import PruningOutput
+from .weights import load_weights
+
+__all__ = ["create_model", "create_teacher", "DenseTrainingModel", "param_groups", "set_learning_rates", "seed_step",
+           "TrainState", "save_checkpoint", "find_checkpoint", "evaluate", "throughput", "MetricsFile"]
+
+_log = logging.getLogger(__name__)
+LATEST = "latest"
+
+
+# ---- models -------------------------------------------------------------------------------
+def create_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The student: a dynvit model (``prune_loc`` non-empty) or a plain timm model (dense run)."""
+    from .patch import build_model
+
+    m = cfg.model
+    kwargs = {**m.kwargs, "num_classes": num_classes, "drop_path_rate": m.drop_path_rate}
+    path = weights_file(m.pretrained_path) if m.pretrained_path else None
+    if m.prune_loc:
+        return build_model(m.name, prune_loc=m.prune_loc, keep_ratio=m.keep_ratio, sampler=m.sampler,
+                           predictor_hidden_ratio=m.predictor_hidden_ratio, pretrained=m.pretrained,
+                           pretrained_path=path, **kwargs)
+    model = timm.create_model(m.name, pretrained=m.pretrained, **kwargs)
+    model.dynvit_meta = {"model_name": m.name, "timm_kwargs": kwargs}
+    if path:
+        load_weights(model, path)
+    return model
+
+
+def create_teacher(student: nn.Module) -> nn.Module:
+    """A frozen dense copy of the student's backbone as it is now (before fine-tuning)."""
+    meta = student.dynvit_meta
+    kwargs = {**meta["timm_kwargs"], "drop_path_rate": 0.0}
+    teacher = timm.create_model(meta["model_name"], **kwargs)
+    own = student.state_dict()
+    teacher.load_state_dict({k: own[k] for k in teacher.state_dict()})
+    teacher.requires_grad_(False)
+    return teacher.to(next(student.parameters()).device).eval()
+
+
+class DenseTrainingModel(nn.Module):
+    """The dense counterpart of :class:`dynvit.TrainingModel`: ``forward(x, tau)`` returns a
+    :class:`dynvit.PruningOutput` with logits and final tokens, no masks (tau is ignored)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, tau: float = 1.0) -> PruningOutput:
+        tokens = self.model.forward_features(x)
+        return PruningOutput(self.model.forward_head(tokens), tokens=tokens)
+
+
+# ---- optimisation -------------------------------------------------------------------------
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """Predictors at the full learning rate, the backbone at ``backbone_lr_scale`` (pruning
+    runs); no weight decay on biases, norms and embeddings; ``frozen_params`` left out."""
+    o = cfg.optim
+    pruning = bool(cfg.model.prune_loc)
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in o.frozen_params):
+            p.requires_grad_(False)
+        if not p.requires_grad:
+            continue
+        part = "predictors" if name.startswith("predictors.") else "backbone"
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        key = f"{part}_{'no_decay' if no_decay else 'decay'}"
+        scale = o.backbone_lr_scale if (pruning and part == "backbone") else 1.0
+        groups.setdefault(key, {"params": [], "name": key, "weight_decay": 0.0 if no_decay else o.weight_decay,
+                                "lr_scale": scale, "backbone": part == "backbone"})["params"].append(p)
+    return list(groups.values())
+
+
+def set_learning_rates(optimizer, scheduler, step: int, freeze_backbone_steps: int) -> None:
+    """Learning rates at global ``step``: timm's schedule (times each group's ``lr_scale``),
+    and 0 for the backbone before ``freeze_backbone_steps`` (DynamicViT's warm-up of the
+    predictors). A pure function of the step, so a resumed run gets the same rates."""
+    scheduler.step_update(step)
+    if step < freeze_backbone_steps:
+        for group in optimizer.param_groups:
+            if group.get("backbone"):
+                group["lr"] = 0.0
+
+
+def seed_step(seed: int, step: int, micro: int, rank: int) -> None:
+    """Seed every RNG from (seed, global step, micro-batch, process) so the randomness of a
+    step (mixup, Gumbel noise, drop-path) does not depend on what ran before it."""
+    s = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+class TrainState:
+    """The global optimizer step, checkpointed with ``accelerator.register_for_checkpointing``."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+def save_checkpoint(accelerator, root: str, step: int, cfg: Config, keep: int) -> str:
+    """``accelerator.save_state`` into ``root/step_XXXXXXXX`` without ever exposing a partial
+    checkpoint: state is written to a temporary folder that is renamed when complete, then
+    the ``latest`` pointer is replaced atomically, then old checkpoints are removed."""
+    name = f"step_{step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_config(cfg, os.path.join(tmp, "config.yaml"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = os.path.join(root, f".{LATEST}.tmp")
+        with open(pointer, "w") as f:
+            f.write(name + "\n")
+        os.replace(pointer, os.path.join(root, LATEST))
+        done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(resume: str, root: str) -> str | None:
+    """The checkpoint to resume from: ``"auto"`` = the ``latest`` one under ``root`` (None
+    when there is none), a path = that checkpoint (or the ``latest`` of that folder)."""
+    if not resume:
+        return None
+    base = root if resume == "auto" else resume
+    pointer = os.path.join(base, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            return os.path.join(base, f.read().strip())
+    if resume == "auto":
+        return None
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint folder")
+    return resume
+
+
+# ---- evaluation ---------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator, modes: list[str]) -> dict:
+    """Top-1 (%) per pruning mode and, per stage, mean kept patch tokens (threshold mode first
+    listed), over the whole (sharded) validation set."""
+    was_training = model.training
+    model.eval()
+    patched = hasattr(model, "forward_pruned")
+    modes = modes if patched else ["none"]
+    correct = {m: 0 for m in modes}
+    kept: list[torch.Tensor] = []
+    seen = 0
+    for images, target in loader:
+        for mode in modes:
+            out = model.forward_pruned(images, mode=mode) if patched else PruningOutput(model(images))
+            pred, tgt = accelerator.gather_for_metrics((out.logits.argmax(-1), target))
+            correct[mode] += int((pred == tgt).sum())
+            if mode == modes[0] and out.keep_masks:
+                counts = torch.stack([m.sum(1).float() for m in out.keep_masks], dim=1)  # (B, stages)
+                kept.append(accelerator.gather_for_metrics(counts).sum(0))
+        seen += len(tgt)
+    model.train(was_training)
+    metrics = {f"top1_{m}": 100.0 * correct[m] / max(seen, 1) for m in modes}
+    if kept:
+        for s, k in enumerate(torch.stack(kept).sum(0) / max(seen, 1)):
+            metrics[f"kept_tokens_{modes[0]}_stage{s}"] = float(k)
+    return metrics
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, images: torch.Tensor, *, mode: str | None = None, repeats: int = 3) -> float:
+    """Images per second of the eval-mode ``model`` on ``images`` (best of ``repeats``)."""
+    was_training, old = model.training, getattr(model, "prune_mode", None)
+    model.eval()
+    if mode is not None and old is not None:
+        model.prune_mode = mode
+    model(images[:2])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(images)
+        best = min(best, time.perf_counter() - t0)
+    model.train(was_training)
+    if old is not None:
+        model.prune_mode = old
+    return len(images) / best
+
+
+class MetricsFile:
+    """Appends one JSON object per record to ``path`` (main process only)."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

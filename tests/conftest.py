@@ -1,0 +1,53 @@
+"""Shared fixtures: small timm ViTs with weights perturbed so every parameter matters."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10 = Path(os.environ.get("DYNVIT_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
+
+# Small members of every supported family: (timm name, kwargs). depth 6 keeps them fast.
+SMALL = dict(img_size=64, depth=6, num_classes=7)
+FAMILIES = {
+    "deit_tiny": ("deit_tiny_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "registers": ("vit_tiny_patch16_224", {"reg_tokens": 4}),
+    "deit3_layerscale": ("deit3_small_patch16_224", {"embed_dim": 192, "num_heads": 3}),
+    "qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True}),
+    "avg_pool": ("vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False}),
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter so that norms, LayerScale, prefix tokens and heads all matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def make_timm(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    name, kwargs = FAMILIES[family]
+    model = timm.create_model(name, pretrained=False, **{**SMALL, **kwargs, **overrides})
+    return randomize_(model, seed).eval()
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 64, 64, generator=g)
+
+
+def cifar_dir(split: str = "test") -> Path:
+    path = CIFAR10 / split
+    if not path.is_dir():
+        pytest.skip(f"shared CIFAR-10 copy not found at {path}")
+    return path

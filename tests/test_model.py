@@ -1,0 +1,174 @@
+"""Properties of the patched model: parity with timm, masked == pruned, gradients, errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import dynvit
+from conftest import FAMILIES, make_timm
+
+PRUNE_LOC = (1, 3, 4)
+
+
+def patched(family: str, keep_ratio=0.6, **kw):
+    """A dense model and a patched copy whose predictors keep about half the tokens with
+    logits of order 1, so threshold decisions differ between images."""
+    dense = make_timm(family)
+    model = dynvit.patch(copy.deepcopy(dense), prune_loc=PRUNE_LOC, keep_ratio=keep_ratio, **kw).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for pred in model.predictors:
+            for p in pred.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.15)
+        probe = torch.randn(8, 3, 64, 64, generator=g)
+        ones = [torch.ones(8, 16)] * len(PRUNE_LOC)
+        for pred, logits in zip(model.predictors, model.forward_train(probe, masks=ones).keep_logits):
+            pred.out_mlp[-1].bias.sub_(logits.median())
+    return dense, model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_parity_with_timm_at_keep_ratio_one(family, images):
+    dense, model = patched(family, keep_ratio=1.0, prune_mode="none")
+    with torch.no_grad():
+        expected = dense(images)
+        torch.testing.assert_close(model(images), expected, atol=1e-5, rtol=0)
+        # Top-k at keep ratio 1.0 keeps everything, so it is dense too (token order is kept).
+        torch.testing.assert_close(model.forward_pruned(images, "topk").logits, expected, atol=1e-5, rtol=0)
+        # The masked path with every token kept is dense as well.
+        ones = [torch.ones(images.shape[0], 16)] * len(PRUNE_LOC)
+        torch.testing.assert_close(model.forward_train(images, masks=ones).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_masked_path_equals_pruned_path(family, mode, images):
+    _, model = patched(family)
+    with torch.no_grad():
+        pruned = model.forward_pruned(images, mode)
+        masks = [m.float() for m in pruned.keep_masks]
+        masked = model.forward_train(images, masks=masks)
+    kept = torch.stack([m.sum(1) for m in pruned.keep_masks])
+    assert (kept[1:] <= kept[:-1]).all(), "a dropped token came back"
+    if mode == "topk":
+        assert kept.tolist() == [[10] * 4, [6] * 4, [3] * 4]  # round(16 * 0.6**s)
+    torch.testing.assert_close(masked.logits, pruned.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["deit_tiny", "registers", "avg_pool"])
+def test_threshold_batch_equals_single_images(family, images):
+    _, model = patched(family)
+    with torch.no_grad():
+        batch = model.forward_pruned(images, "threshold")
+        counts = torch.stack([m.sum(1) for m in batch.keep_masks])  # (stages, B)
+        assert (counts != counts[:, :1]).any(), "test needs images with different kept counts"
+        for i in range(images.shape[0]):
+            single = model.forward_pruned(images[i : i + 1], "threshold")
+            torch.testing.assert_close(batch.logits[i : i + 1], single.logits, atol=1e-5, rtol=1e-5)
+            for b, s in zip(batch.keep_masks, single.keep_masks):
+                assert torch.equal(b[i : i + 1], s)
+
+
+def test_threshold_keeps_probability_above_half_and_at_least_one(images):
+    _, model = patched("deit_tiny")
+    with torch.no_grad():
+        model.predictors[0].out_mlp[-1].weight.zero_()
+        model.predictors[0].out_mlp[-1].bias.fill_(-100.0)  # stage 0 would drop everything
+        out = model.forward_pruned(images, "threshold")
+    assert (out.keep_masks[0].sum(1) == 1).all()
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("family", ["deit_distilled", "registers", "deit3_layerscale"])
+def test_every_parameter_gets_a_gradient(family, images):
+    _, model = patched(family)
+    model.train()
+    out = dynvit.TrainingModel(model)(images, tau=0.5)
+    loss = out.logits.logsumexp(-1).mean() + sum(m.mean() for m in out.keep_masks) + out.tokens.pow(2).mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient for {name}"
+
+
+def test_predictors_learn_from_the_task_loss_alone(images):
+    _, model = patched("deit_tiny")
+    model.train()
+    model.forward_train(images, tau=1.0).logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.predictors.parameters())
+
+
+def test_train_mode_forward_returns_logits(images):
+    _, model = patched("deit_tiny")
+    assert model.train()(images).shape == (4, 7)
+    assert model.eval()(images).shape == (4, 7)
+
+
+def test_state_dict_keys_are_timms_plus_predictors():
+    dense, model = patched("deit_tiny")
+    extra = set(model.state_dict()) - set(dense.state_dict())
+    assert set(dense.state_dict()) <= set(model.state_dict())
+    assert extra and all(k.startswith("predictors.") for k in extra)
+
+
+def test_patching_twice_is_an_error():
+    _, model = patched("deit_tiny")
+    with pytest.raises(RuntimeError, match="already patched"):
+        dynvit.patch(model, prune_loc=PRUNE_LOC, keep_ratio=0.7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"keep_ratio": 0.0}, r"\(0, 1\]"),
+        ({"keep_ratio": 1.5}, r"\(0, 1\]"),
+        ({"keep_ratio": (0.5, 0.7, 0.4)}, "must not increase"),
+        ({"keep_ratio": (0.5, 0.4)}, "one cumulative fraction per stage"),
+        ({"prune_loc": (3, 2)}, "strictly increasing"),
+        ({"prune_loc": (1, 6)}, "out of range"),
+        ({"prune_mode": "fast"}, "prune_mode"),
+        ({"sampler": "bernoulli"}, "sampler"),
+    ],
+)
+def test_bad_options_are_rejected(kwargs, match):
+    args = {"prune_loc": PRUNE_LOC, "keep_ratio": 0.7, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        dynvit.patch(make_timm("deit_tiny"), **args)
+
+
+def test_unsupported_models_are_refused():
+    with pytest.raises(NotImplementedError, match="global_pool"):
+        dynvit.patch(timm.create_model("vit_tiny_patch16_224", global_pool="map", img_size=64, depth=4), prune_loc=(1,))
+    with pytest.raises(NotImplementedError, match="Block"):
+        dynvit.patch(timm.create_model("vit_small_patch16_18x2_224", img_size=64), prune_loc=(1,))
+    with pytest.raises(NotImplementedError, match="VisionTransformer"):
+        dynvit.patch(timm.create_model("resnet18"), prune_loc=(1,))
+
+
+def test_wrong_image_size_is_a_clear_error(images):
+    _, model = patched("deit_tiny")
+    with pytest.raises(ValueError, match="does not match the model's 64x64"):
+        model(torch.randn(1, 3, 96, 96))
+    with pytest.raises(ValueError, match="input channels"):
+        model(torch.randn(1, 1, 64, 64))
+
+
+def test_dynamic_img_size_prunes_any_grid():
+    dense = make_timm("deit_tiny", dynamic_img_size=True)
+    model = dynvit.patch(copy.deepcopy(dense), prune_loc=PRUNE_LOC, keep_ratio=1.0, prune_mode="topk").eval()
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=0)
+        model.keep_ratio = 0.5
+        out = model.forward_pruned(x)
+    assert out.keep_masks[0].shape == (2, 30) and int(out.keep_masks[0][0].sum()) == 15
+
+
+def test_keep_ratio_can_be_reassigned():
+    _, model = patched("deit_tiny")
+    model.keep_ratio = 0.5
+    assert model.keep_ratio == (0.5, 0.25, 0.125)
+    with pytest.raises(ValueError):
+        model.keep_ratio = 2.0

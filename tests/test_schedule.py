@@ -1,0 +1,33 @@
+import math
+
+import pytest
+
+from dynvit import TauSchedule, tau_at
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "exponential"])
+def test_endpoints_and_monotone(kind):
+    taus = [tau_at(s, 100, 5.0, 0.5, kind) for s in range(0, 131)]
+    assert taus[0] == pytest.approx(5.0) and taus[100] == pytest.approx(0.5) and taus[130] == pytest.approx(0.5)
+    assert all(b <= a + 1e-12 for a, b in zip(taus, taus[1:]))
+
+
+def test_shapes():
+    assert tau_at(50, 100, 2.0, 1.0, "linear") == pytest.approx(1.5)
+    assert tau_at(50, 100, 2.0, 1.0, "cosine") == pytest.approx(1.5)
+    assert tau_at(50, 100, 4.0, 1.0, "exponential") == pytest.approx(2.0)
+    assert tau_at(25, 100, 2.0, 1.0, "cosine") == pytest.approx(1.0 + 0.5 * (1 + math.cos(math.pi / 4)))
+    assert tau_at(10**6, 100, 3.0, 0.1, "constant") == 3.0
+
+
+def test_pure_function_of_step():
+    sched = TauSchedule("cosine", 1.0, 0.1, 1000)
+    first = [sched(s) for s in (0, 10, 999, 500)]
+    assert [sched(s) for s in (0, 10, 999, 500)] == first  # nothing advances on calls
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown tau schedule"):
+        TauSchedule("step", 1.0, 0.1, 10)
+    with pytest.raises(ValueError, match="> 0"):
+        tau_at(0, 10, 0.0, 1.0, "linear")
