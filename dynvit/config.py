@@ -198,9 +198,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
 
 def _unknown_key(key: str, valid: list[str], section: str) -> ConfigError:
     where = f" in '{section}'" if section else ""
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{where}.{hint} Valid keys: {', '.join(valid)}")
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1] if section else key.split(".")[0], valid, n=1)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    shown = valid if section else [f"{v}.*" for v in valid]
+    return ConfigError(f"unknown config key '{key}'{where}.{hint} Valid keys: {', '.join(shown)}")
 
 
 # ---- building -----------------------------------------------------------------------------
@@ -257,7 +259,7 @@ def parse_overrides(args: list[str], cfg: Config) -> dict:
         section, dot, name = key.partition(".")
         sections = [f.name for f in dataclasses.fields(cfg)]
         if not dot or section not in sections:
-            raise _unknown_key(key, [f"{s}.*" for s in sections], "")
+            raise _unknown_key(key, sections, "")
         sub = getattr(cfg, section)
         hints = typing.get_type_hints(type(sub))
         name, dot, item = name.partition(".")

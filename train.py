@@ -1,0 +1,251 @@
+"""Fine-tune a token-pruning ViT (or train a dense one) through Accelerate.
+
+    python train.py --config configs/cifar10_dynvit.yaml [--section.key value ...]
+    accelerate launch --num_processes 2 train.py --config ...      # same script, many processes
+
+One function, :func:`train`, in the order of Accelerate's ``cv_example.py``: accelerator,
+seed, data, model, optimizer and scheduler, one ``prepare``, the loop with ``accumulate``
+and ``backward``, validation with ``gather_for_metrics``, ``save_state``/``load_state``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import dynvit
+from dynvit.config import Config, ConfigError, load_config, save_config, to_dict
+from dynvit.hub import save_pretrained
+from dynvit.data import DataError, build_datasets, resolve_data, scan_image_folder
+from dynvit.losses import PruningLoss, classification_criterion
+from dynvit.training import (DenseTrainingModel, MetricsFile, TrainState, create_model, create_teacher, evaluate,
+                             find_checkpoint, param_groups, save_checkpoint, seed_step, set_learning_rates)
+
+logger = logging.getLogger("train")
+
+
+def _hparams(cfg: Config) -> dict:
+    """Flat scalar view of the config for the trackers' hyper-parameter tables."""
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _gmacs(model, images, modes, input_size) -> dict:
+    if not hasattr(model, "prune_mode"):
+        return {"gmacs_none": dynvit.count_flops(model, input_size)}
+    return {f"gmacs_{m}": dynvit.count_flops(model, input_size, images=images, mode=m) for m in modes}
+
+
+def train(cfg: Config) -> dict:
+    """Run the configured training; return the last validation metrics (plus ``step``,
+    ``output_dir`` and, when the run completed, ``final_dir``)."""
+    out_dir = cfg.train.output_dir
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    accum = cfg.optim.grad_accum_steps
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
+        log_with=cfg.train.trackers or None,
+        project_config=ProjectConfiguration(project_dir=out_dir, logging_dir=os.path.join(out_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+    )
+    set_seed(cfg.train.seed)
+    if accelerator.is_main_process:
+        os.makedirs(ckpt_root, exist_ok=True)
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+
+    # Data: the folders fix the class count, the model fixes the preprocessing.
+    micro_batch, rest = divmod(cfg.data.batch_size, accelerator.num_processes * accum)
+    if rest or micro_batch == 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} (global) must be a positive multiple of "
+                          f"processes x optim.grad_accum_steps = {accelerator.num_processes * accum}")
+    train_folder = scan_image_folder(os.path.join(cfg.data.path, cfg.data.train_split), what="training")
+    val_folder = scan_image_folder(os.path.join(cfg.data.path, cfg.data.val_split), what="validation")
+    classes = train_folder.classes
+
+    # Model, teacher and data pipeline.
+    model = create_model(cfg, num_classes=len(classes))
+    pruning = hasattr(model, "forward_train")
+    data_config = resolve_data(model, cfg.data)
+    train_set, val_set = build_datasets(cfg.data, cfg.aug, data_config, seed=cfg.train.seed,
+                                        train_folder=train_folder, val_folder=val_folder)
+    train_loader = DataLoader(train_set, batch_size=micro_batch, shuffle=True, drop_last=True,
+                              num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
+    val_loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
+    mixup_on = cfg.aug.mixup_prob > 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
+    if mixup_on and micro_batch % 2:
+        raise ConfigError(f"mixup needs an even batch per process, got {micro_batch}")
+    mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, prob=cfg.aug.mixup_prob,
+                  switch_prob=cfg.aug.mixup_switch_prob, mode=cfg.aug.mixup_mode, label_smoothing=cfg.aug.smoothing,
+                  num_classes=len(classes)) if mixup_on else None
+    criterion = PruningLoss(
+        classification_criterion(mixup=mixup_on, smoothing=cfg.aug.smoothing),
+        model.keep_ratio if pruning else (),
+        cls_weight=cfg.loss.cls_weight,
+        ratio_weight=cfg.loss.ratio_weight,
+        distill_logits_weight=cfg.loss.distill_logits_weight if pruning else 0.0,
+        distill_tokens_weight=cfg.loss.distill_tokens_weight if pruning else 0.0,
+    )
+    model.to(accelerator.device)
+    teacher = create_teacher(model) if criterion.needs_teacher else None  # frozen, never prepared
+    if teacher is not None and not (cfg.model.pretrained or cfg.model.pretrained_path):
+        logger.warning("the teacher is the randomly initialised starting model: distillation terms teach nothing")
+    training_model = dynvit.TrainingModel(model) if pruning else DenseTrainingModel(model)
+
+    # Optimizer and schedules, all functions of the global step.
+    steps_per_epoch = len(train_loader) // accelerator.num_processes // accum  # each process gets 1/n of the batches
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(train_set)} training images are fewer than one global batch of {cfg.data.batch_size}")
+    total_steps = cfg.train.epochs * steps_per_epoch
+    optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optim.opt, lr=cfg.optim.lr,
+                                    weight_decay=cfg.optim.weight_decay,
+                                    **({"eps": cfg.optim.eps} if "adam" in cfg.optim.opt else {}))
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.train.epochs, min_lr=cfg.optim.min_lr,
+                                       warmup_lr=cfg.optim.warmup_lr, warmup_epochs=cfg.optim.warmup_epochs,
+                                       warmup_prefix=True, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    freeze_steps = round(cfg.optim.backbone_freeze_epochs * steps_per_epoch) if pruning else 0
+    anneal = cfg.tau.anneal_epochs
+    tau_schedule = dynvit.TauSchedule(cfg.tau.kind, cfg.tau.tau_start, cfg.tau.tau_end,
+                                      total_steps if anneal is None else round(anneal * steps_per_epoch))
+
+    training_model, optimizer, train_loader, val_loader = accelerator.prepare(
+        training_model, optimizer, train_loader, val_loader)
+    model = accelerator.unwrap_model(training_model).model
+    assert len(train_loader) // accum == steps_per_epoch, (len(train_loader), accum, steps_per_epoch)
+    ema = ModelEmaV3(model, decay=cfg.optim.ema_decay) if cfg.optim.ema else None
+    state = TrainState()
+    accelerator.register_for_checkpointing(state, scheduler, *([ema] if ema else []))
+    checkpoint = find_checkpoint(cfg.train.resume, ckpt_root)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        logger.info("resumed from %s at step %d", checkpoint, state.step)
+    accelerator.init_trackers("dynvit", config=_hparams(cfg))
+    metrics_file = MetricsFile(os.path.join(out_dir, "metrics.jsonl"), accelerator.is_main_process)
+
+    # The loop.
+    step, metrics, stopped = state.step, {}, False
+    running, seen_steps = {}, 0
+    flop_images = None
+    for epoch in range(step // steps_per_epoch, cfg.train.epochs):
+        training_model.train()
+        train_set.set_epoch(epoch)
+        done = (step - epoch * steps_per_epoch) * accum  # micro-batches of this epoch already trained on
+        loader = accelerator.skip_first_batches(train_loader, done) if done else train_loader
+        loader.set_epoch(epoch)
+        bar = tqdm(loader, desc=f"epoch {epoch}", initial=done, total=steps_per_epoch * accum,
+                   disable=not (accelerator.is_main_process and cfg.train.progress_bar))
+        for micro, (images, target) in enumerate(bar, start=done):
+            if micro >= steps_per_epoch * accum:
+                continue  # the tail that does not fill an optimizer step
+            seed_step(cfg.train.seed, step, micro % accum, accelerator.process_index)
+            with accelerator.accumulate(training_model):
+                set_learning_rates(optimizer, scheduler, step, freeze_steps)
+                tau = tau_schedule(step)
+                if mixup is not None:
+                    images, target = mixup(images, target)
+                with accelerator.autocast():
+                    out = training_model(images, tau)
+                    t_logits = t_tokens = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_tokens = teacher.forward_features(images)
+                            t_logits = teacher.forward_head(t_tokens)
+                    terms = criterion(out, target, t_logits, t_tokens, model.num_prefix_tokens)
+                accelerator.backward(terms.total)
+                if accelerator.sync_gradients and cfg.optim.clip_grad:
+                    accelerator.clip_grad_norm_(training_model.parameters(), cfg.optim.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad()
+            for name, value in terms.as_dict().items():
+                running[name] = running.get(name, 0.0) + value.detach()
+            for s, m in enumerate(out.keep_masks):
+                running[f"kept_frac_stage{s}"] = running.get(f"kept_frac_stage{s}", 0.0) + m.detach().float().mean()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            state.step = step
+            seen_steps += 1
+            if ema is not None:
+                ema.update(model, step=step)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                names = list(running)
+                means = accelerator.reduce(torch.stack([running[n] for n in names]).float(), "mean") / (seen_steps * accum)
+                record = {f"train/{n}": v for n, v in zip(names, means.tolist())}
+                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+                record.update({f"lr/{k}": v for k, v in lrs.items()}, **{"train/tau": tau, "epoch": epoch})
+                accelerator.log(record, step=step)
+                metrics_file.write({"step": step, **record})
+                bar.set_postfix(loss=f"{record['train/total']:.4f}")
+                running, seen_steps = {}, 0
+            if step == cfg.train.stop_after_steps:
+                stopped = True
+                break
+            if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0 and step % steps_per_epoch:
+                save_checkpoint(accelerator, ckpt_root, step, cfg, cfg.train.keep_checkpoints)
+        bar.close()
+        epoch_done = step % steps_per_epoch == 0
+        if epoch_done and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == cfg.train.epochs):
+            metrics = evaluate(model, val_loader, accelerator, cfg.train.eval_modes)
+            if ema is not None:
+                ema_metrics = evaluate(ema.module, val_loader, accelerator, cfg.train.eval_modes[:1])
+                metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+            if accelerator.is_main_process and cfg.train.flops_images:
+                if flop_images is None:  # the first validation images, the same every epoch
+                    n = min(cfg.train.flops_images, len(val_set))
+                    flop_images = torch.stack([val_set[i][0] for i in range(n)]).to(accelerator.device)
+                metrics.update(_gmacs(model, flop_images, cfg.train.eval_modes, data_config["input_size"]))
+            accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+            metrics_file.write({"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}})
+            logger.info("epoch %d step %d: %s", epoch, step, {k: round(v, 4) for k, v in metrics.items()})
+        save_checkpoint(accelerator, ckpt_root, step, cfg, cfg.train.keep_checkpoints)
+        if stopped:
+            break
+
+    result = {**metrics, "step": step, "output_dir": out_dir}
+    if not stopped and accelerator.is_main_process:
+        result["final_dir"] = save_pretrained(model, os.path.join(out_dir, "final"), classes=classes,
+                                                     data_config=data_config)
+        if ema is not None:
+            ema.module.dynvit_meta = model.dynvit_meta
+            save_pretrained(ema.module, os.path.join(out_dir, "final_ema"), classes=classes, data_config=data_config)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Any config key can be overridden: --optim.lr 1e-4 --model.prune_loc [3,6,9]")
+    parser.add_argument("--config", help="YAML preset (see configs/)")
+    parser.add_argument("--resume", nargs="?", const="auto", help="resume from the latest checkpoint or from PATH")
+    args, overrides = parser.parse_known_args(argv)
+    if args.resume is not None:
+        overrides += ["--train.resume", args.resume]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        parser.exit(2, f"config error: {e}\n")
+    try:
+        return train(cfg)
+    except (DataError, dynvit.WeightMismatchError) as e:
+        parser.exit(1, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
