@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
@@ -165,11 +166,17 @@ class DynViTMixin:
                 keep_masks.append(mask)
                 keep_logits.append(logits)
             if mask is None:
-                x = blk(x)
+                x = self._run_block(blk, x)
             else:
-                x = masked_block(blk, x, torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1))
+                x = self._run_block(masked_block, blk, x, torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1))
         x = self.norm(x)
         return PruningOutput(self._head(x, mask), keep_masks, keep_logits, x, mask)
+
+    def _run_block(self, fn, *args):
+        # Honour timm's set_grad_checkpointing() in the training path.
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def forward_pruned(self, x: torch.Tensor, mode: str | None = None) -> PruningOutput:
         """Real pruning: kept tokens are gathered and later blocks run on them alone.

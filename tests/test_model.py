@@ -172,3 +172,16 @@ def test_keep_ratio_can_be_reassigned():
     assert model.keep_ratio == (0.5, 0.25, 0.125)
     with pytest.raises(ValueError):
         model.keep_ratio = 2.0
+
+
+def test_grad_checkpointing_gives_the_same_gradients(images):
+    _, model = patched("deit_tiny")
+    model.train()
+    masks = [torch.ones(4, 16)] * 3
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        model.forward_train(images, masks=masks).logits.sum().backward()
+        grads.append(model.blocks[4].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
