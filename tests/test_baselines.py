@@ -10,7 +10,7 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
 from dynvit.baselines import BASELINES, patch_evit, patch_random, patch_tome
-from dynvit.baselines.evit import fuse_inattentive
+from dynvit.baselines.evit import evit_block, fuse_inattentive
 from dynvit.baselines.random_drop import keep_random
 from dynvit.baselines.tome import bipartite_soft_matching, merge_tokens, merge_wavg, normalize_tome_r, tome_block
 from dynvit.tokens import num_kept
@@ -167,6 +167,51 @@ def test_proportional_attention_makes_merging_duplicates_lossless():
     assert merged.shape[1] == p + pairs and torch.equal(size, torch.full((1, pairs), 2.0))
     torch.testing.assert_close(merged[:, :p], dense[:, :p], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(merged[:, p:], dense[:, p + 1 :: 2], atol=1e-5, rtol=1e-5)
+
+
+def test_tome_merging_duplicate_patches_equals_dense():
+    # Without position embeddings, equal image patches give equal tokens. Make columns 0 and 1
+    # of the 4 x 4 patch grid equal: block 0 merges those 4 pairs (A positions 0, 4, 8, 12 into
+    # B positions 1, 5, 9, 13), and with proportional attention and size-weighted average
+    # pooling the logits must be exactly the dense model's.
+    dense = make_model("avg").eval()
+    with torch.no_grad():
+        dense.pos_embed.zero_()
+    x = images()
+    x[..., 16:32] = x[..., :16]
+    tome = patch_tome(copy.deepcopy(dense), r=[4, 0, 0, 0, 0, 0])
+    with torch.no_grad():
+        _, size = tome.forward_tokens(x)
+        expected, got = dense(x), tome(x)
+    assert size.shape == (2, 12) and (size == 2).sum().item() == 2 * 4
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_evit_block_equals_dense_block_on_kept_tokens():
+    # Attention arranged so that every query's logit for key j is 2 * x_j[1]: the prefix tokens
+    # get x[1] = -20, the least attended of all, and must still be kept.
+    block = copy.deepcopy(make_model("registers").blocks[0]).eval()
+    block.norm1 = torch.nn.Identity()
+    C, H = 192, block.attn.num_heads
+    D = C // H
+    with torch.no_grad():
+        block.attn.qkv.weight[: 2 * C] = 0
+        block.attn.qkv.bias[: 2 * C] = 0
+        for h in range(H):
+            block.attn.qkv.weight[h * D, 0] = 1.0  # q = x[0] = 1
+            block.attn.qkv.weight[C + h * D, 1] = 2.0 * D**0.5  # k = 2 * sqrt(D) * x[1]
+    p, n, k = 5, 12, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, p + n, C, generator=g)
+    x[..., 0] = 1.0
+    x[:, :p, 1] = -20.0
+    with torch.no_grad():
+        dense = block(x)
+        out = evit_block(block, x, k, p)
+    keep = x[:, p:, 1].argsort(dim=1, descending=True)[:, :k].sort(dim=1).values + p
+    assert out.shape == (2, p + k + 1, C)
+    torch.testing.assert_close(out[:, :p], dense[:, :p])
+    torch.testing.assert_close(out[:, p : p + k], torch.stack([dense[b, keep[b]] for b in range(2)]))
 
 
 def test_evit_fused_token_is_attention_weighted_average():

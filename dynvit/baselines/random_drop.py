@@ -9,6 +9,8 @@ Randomness: in eval mode every forward draws from a ``torch.Generator`` freshly 
 ``model.random_seed``, so evaluation is reproducible (the same batch always gives the same
 logits). In train mode the drops come from torch's global generator, like dropout, so each
 step sees new drops and ``torch.manual_seed`` (or accelerate's ``set_seed``) controls them.
+A ``torch.jit.trace`` of the model (what fvcore counts FLOPs on) has the right shapes and
+FLOPs but does not replay the seeded draws.
 """
 from __future__ import annotations
 
