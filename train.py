@@ -64,6 +64,12 @@ def train(cfg: Config) -> dict:
         project_config=ProjectConfiguration(project_dir=out_dir, logging_dir=os.path.join(out_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) > accelerator.num_processes:
+        # `accelerate launch --multi_gpu` on a machine without GPUs starts N processes, but Accelerate
+        # sets up distributed CPU training (gloo) only when told to use the CPU; without that every
+        # process would train alone and write the same files.
+        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate runs "
+                           f"{accelerator.num_processes}; for several CPU processes set ACCELERATE_USE_CPU=1")
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
         os.makedirs(ckpt_root, exist_ok=True)
@@ -112,6 +118,8 @@ def train(cfg: Config) -> dict:
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_set)} training images are fewer than one global batch of {cfg.data.batch_size}")
     total_steps = cfg.train.epochs * steps_per_epoch
+    logger.info("%d process(es) on %s, %d images per micro-batch, %d micro-batches per step, %d steps per epoch",
+                accelerator.num_processes, accelerator.device, micro_batch, accum, steps_per_epoch)
     optimizer = create_optimizer_v2(param_groups(model, cfg), opt=cfg.optim.opt, lr=cfg.optim.lr,
                                     weight_decay=cfg.optim.weight_decay,
                                     **({"eps": cfg.optim.eps} if "adam" in cfg.optim.opt else {}))
@@ -236,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parser.parse_known_args(argv)
     if args.resume is not None:
         overrides += ["--train.resume", args.resume]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:

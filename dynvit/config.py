@@ -185,6 +185,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -209,7 +214,7 @@ def _unknown_key(key: str, valid: list[str], section: str) -> ConfigError:
 def merge(cfg: Any, updates: dict, prefix: str = "") -> Any:
     """Return a copy of the dataclass ``cfg`` with the nested ``updates`` applied and checked."""
     if not isinstance(updates, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {updates!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {updates!r}")
     hints = typing.get_type_hints(type(cfg))
     names = [f.name for f in dataclasses.fields(cfg)]
     changes = {}

@@ -1,0 +1,228 @@
+"""Training on real CIFAR-10 images: the loss goes down, runs resume exactly, errors are clear,
+and two processes train what one does."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from PIL import Image
+from safetensors.torch import load_file
+
+import dynvit
+from conftest import CIFAR10, REPO, cifar_dir
+from dynvit.config import load_config
+from dynvit.data import DataError, SeededImageDataset, build_datasets, build_transform, scan_image_folder
+from dynvit.hub import load_pretrained
+from dynvit.losses import PruningLoss, classification_criterion
+from dynvit.training import create_model, create_teacher
+
+sys.path.insert(0, str(REPO))
+from train import main, train  # noqa: E402
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, mlp_ratio=2.0, num_classes=10)
+
+
+def smoke(out, *overrides):
+    cifar_dir("train")
+    return load_config(REPO / "configs" / "smoke.yaml",
+                       ["--data.path", str(CIFAR10), "--train.output_dir", str(out), *overrides])
+
+
+def real_batch(n=48):
+    folder = scan_image_folder(cifar_dir("train"))
+    step = len(folder) // n
+    data_config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.25,) * 3,
+                   "crop_pct": 1.0}
+    ds = SeededImageDataset(folder, build_transform(data_config, is_training=False), indices=range(0, n * step, step))
+    images, labels = zip(*(ds[i] for i in range(n)))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path):
+    return load_file(path / "final" / "model.safetensors")
+
+
+# ---- optimisation -------------------------------------------------------------------------
+def test_a_few_steps_lower_the_loss():
+    images, labels = real_batch()
+    torch.manual_seed(0)
+    model = dynvit.build_model("vit_tiny_patch16_224", prune_loc=(1, 2), keep_ratio=0.7, **TINY)
+    teacher = create_teacher(model)
+    net = dynvit.TrainingModel(model).train()
+    criterion = PruningLoss(classification_criterion(mixup=False, smoothing=0.0), model.keep_ratio)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3)
+
+    def loss(seed=0):
+        torch.manual_seed(seed)  # the same Gumbel noise for the before/after comparison
+        with torch.no_grad():
+            tokens = teacher.forward_features(images)
+            return criterion(net(images), labels, teacher.forward_head(tokens), tokens, model.num_prefix_tokens)
+
+    before = loss()
+    for _ in range(15):
+        tokens = teacher.forward_features(images)
+        terms = criterion(net(images), labels, teacher.forward_head(tokens), tokens, model.num_prefix_tokens)
+        optimizer.zero_grad()
+        terms.total.backward()
+        optimizer.step()
+    after = loss()
+    assert after.total < 0.8 * before.total, (before, after)
+    assert after.cls < before.cls
+
+
+def test_ratio_term_pulls_the_kept_fraction_to_its_target():
+    images, labels = real_batch(32)
+    torch.manual_seed(0)
+    model = dynvit.build_model("vit_tiny_patch16_224", prune_loc=(1,), keep_ratio=0.3, **TINY)
+    with torch.no_grad():
+        model.predictors[0].out_mlp[-1].bias.fill_(4.0)  # starts keeping ~98% of the tokens
+    net = dynvit.TrainingModel(model).train()
+    criterion = PruningLoss(classification_criterion(mixup=False, smoothing=0.0), model.keep_ratio,
+                            distill_logits_weight=0.0, distill_tokens_weight=0.0)
+    optimizer = torch.optim.AdamW(model.predictors.parameters(), lr=1e-2)
+
+    def kept_fraction():
+        with torch.no_grad():
+            return float(torch.sigmoid(net(images).keep_logits[0]).mean())
+
+    before = kept_fraction()
+    for _ in range(25):
+        terms = criterion(net(images), labels)
+        optimizer.zero_grad()
+        terms.total.backward()
+        optimizer.step()
+    after = kept_fraction()
+    assert before > 0.9
+    assert abs(after - 0.3) < 0.3 * abs(before - 0.3), (before, after)
+
+
+# ---- a whole run --------------------------------------------------------------------------
+def test_a_run_writes_config_metrics_checkpoints_and_model(tmp_path):
+    cfg = smoke(tmp_path)
+    result = train(cfg)
+    assert load_config(tmp_path / "config.yaml") == cfg
+    records = read_metrics(tmp_path)
+    train_keys = set().union(*(r for r in records if "train/total" in r))
+    assert {"train/cls", "train/ratio", "train/distill_logits", "train/distill_tokens", "train/tau",
+            "train/kept_frac_stage0", "lr/predictors_decay", "lr/backbone_decay"} <= train_keys
+    val = [r for r in records if "val/top1_threshold" in r]
+    assert [r["epoch"] for r in val] == [0, 1]
+    assert {"val/top1_topk", "val/top1_none", "val/kept_tokens_threshold_stage1", "val/gmacs_threshold",
+            "val/gmacs_none"} <= set(val[-1])
+    assert val[-1]["val/gmacs_topk"] < val[-1]["val/gmacs_none"]
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_00000008"
+    assert {"model.safetensors", "optimizer.bin", "config.yaml"} <= set(os.listdir(tmp_path / "checkpoints" / latest))
+    model = load_pretrained(result["final_dir"])
+    assert model.dynvit_meta["classes"] == sorted(os.listdir(CIFAR10 / "train"))
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights_and_tau(tmp_path):
+    common = ["--aug.mixup", "0.8", "--aug.smoothing", "0.1", "--model.drop_path_rate", "0.1",
+              "--tau.kind", "linear", "--tau.tau_end", "0.2", "--train.log_every", "1", "--data.num_workers", "1"]
+    train(smoke(tmp_path / "whole", *common))
+    stopped = train(smoke(tmp_path / "cut", *common, "--train.stop_after_steps", "3"))  # mid-epoch (4 steps each)
+    assert stopped["step"] == 3 and "final_dir" not in stopped
+    (tmp_path / "cut" / "checkpoints" / ".step_00000004.tmp").mkdir()  # a save that crashed half-way
+    train(smoke(tmp_path / "cut", *common, "--train.resume", "auto"))
+
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    whole, cut = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+    after_resume = [r for r in cut if r["step"] > 3 and "train/total" in r]
+    same_steps = [r for r in whole if r["step"] > 3 and "train/total" in r]
+    assert after_resume == same_steps  # losses, tau and learning rates, step by step
+    assert after_resume[-1]["train/tau"] == pytest.approx(0.2 + 0.8 / 8)
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_resume(tmp_path):
+    """A real kill -9 of a run that checkpoints every step, then --resume."""
+    cifar_dir("train")
+    args = ["--data.path", str(CIFAR10), "--train.save_every_steps", "1", "--train.epochs", "3"]
+    train(smoke(tmp_path / "whole", *args[2:]))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", "--config", "configs/smoke.yaml", "--train.output_dir", str(out), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = out / "checkpoints" / "latest"
+    while proc.poll() is None and not (pointer.exists() and pointer.read_text().strip() >= "step_00000006"):
+        pass
+    proc.kill()
+    proc.wait()
+    subprocess.run(cmd + ["--resume"], cwd=REPO, check=True, capture_output=True)
+    a, b = weights(tmp_path / "whole"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- errors ---------------------------------------------------------------------------------
+def test_data_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        scan_image_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        scan_image_folder(tmp_path / "empty")
+    (tmp_path / "noimages" / "cat").mkdir(parents=True)
+    (tmp_path / "noimages" / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="cat"):
+        scan_image_folder(tmp_path / "noimages")
+
+    for split, classes in (("train", ["cat", "dog"]), ("val", ["cat", "cow"])):
+        for c in classes:
+            (tmp_path / "ds" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "ds" / split / c / "0.png")
+    cfg = smoke(tmp_path / "run", "--data.path", str(tmp_path / "ds"), "--data.val_split", "val")
+    with pytest.raises(DataError, match=r"only in training \['dog'\], only in validation \['cow'\]"):
+        build_datasets(cfg.data, cfg.aug, {"input_size": (3, 8, 8), "interpolation": "bilinear", "mean": (0,) * 3,
+                                           "std": (1,) * 3, "crop_pct": 1.0}, seed=0)
+    (tmp_path / "ds" / "train" / "dog" / "0.png").write_bytes(b"not a png")
+    folder = scan_image_folder(tmp_path / "ds" / "train")
+    with pytest.raises(DataError, match=r"cannot read image .*dog.*0\.png"):
+        SeededImageDataset(folder, lambda im: im)[1]
+
+
+def test_train_script_reports_data_errors(tmp_path, capsys):
+    cifar_dir("train")
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(REPO / "configs" / "smoke.yaml"), "--data.path", str(tmp_path / "missing"),
+              "--train.output_dir", str(tmp_path / "out")])
+    assert e.value.code == 1
+    assert "training folder" in capsys.readouterr().err
+
+
+# ---- several processes ------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_train_what_one_does(tmp_path):
+    """Same global batch (16 = 2 x 8) on two gloo processes: the update agrees with one process
+    to a few percent (only the Gumbel noise of the second half-batch differs)."""
+    cfg = smoke(tmp_path / "one")
+    set_seed(cfg.train.seed)
+    initial = create_model(cfg, num_classes=10).state_dict()
+    train(cfg)
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "train.py", "--config", "configs/smoke.yaml",
+           "--data.path", str(CIFAR10), "--train.output_dir", str(tmp_path / "two")]
+    # Accelerate sets up gloo CPU training only when told to use the CPU (see README).
+    run = subprocess.run(cmd, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es)" in run.stderr
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    update = torch.cat([(one[k] - initial[k]).flatten() for k in one]).norm()
+    gap = torch.cat([(one[k] - two[k]).flatten() for k in one]).norm()
+    assert update > 0 and gap < 0.1 * update, (float(gap), float(update))
