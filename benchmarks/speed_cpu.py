@@ -1,0 +1,103 @@
+"""Table 2 of docs/BENCHMARKS.md: images/s of DeiT-S at 224 on this machine, dense vs pruned.
+
+    python benchmarks/speed_cpu.py [--model deit_small_patch16_224] [--keep-ratio 0.7] [--batch 64] [--repeats 5]
+
+All models are built from one randomly initialised dense model (speed does not depend on the
+weights) and timed in this one process, repeats interleaved across models, warm-up discarded,
+median reported: dense, dynvit in top-k and in threshold mode, EViT and random dropping at the
+same stages and kept fractions, ToMe with ``r`` matched to dynvit's top-k GMACs. Untrained
+predictors are calibrated (their last bias) so that threshold mode keeps the target fraction
+on the timed images. Timings on a busy machine are worthless: the script refuses to run when
+the 1-minute load average exceeds ``--max-load`` (override with ``--force``) and records the
+load before and after in the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dynvit import benchmark as bench  # noqa: E402
+from dynvit import count_flops  # noqa: E402
+
+HEADER = ["method", "setting", "GMACs", "speed-up limit (dense / GMACs)"]
+
+
+def build(args) -> tuple[dict, dict, torch.Tensor]:
+    """The timed models, their settings and GMACs, and the images that fill the batches."""
+    torch.manual_seed(args.seed)
+    dense = timm.create_model(args.model, pretrained=False).eval()
+    size = (3, *dense.patch_embed.img_size)
+    images = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(args.seed))
+    loc = bench.default_prune_loc(len(dense.blocks))
+    kw = dict(prune_loc=loc, keep_ratio=args.keep_ratio)
+    topk = bench.make_method(dense, "dynvit", prune_mode="topk", **kw)
+    threshold = bench.calibrate_threshold_(bench.make_method(dense, "dynvit", prune_mode="threshold", **kw), images)
+    models = {"dense": dense, "dynvit topk": topk, "dynvit threshold": threshold,
+              "evit": bench.make_method(dense, "evit", **kw), "random": bench.make_method(dense, "random", **kw)}
+    info = {name: {"gmacs": count_flops(m, size)} for name, m in models.items() if name != "dynvit threshold"}
+    info["dynvit threshold"] = {"gmacs": count_flops(threshold, size, images=images[: args.flops_images])}
+    r, gmacs = bench.match_tome_r(dense, info["dynvit topk"]["gmacs"], size)
+    models["tome"], info["tome"] = bench.make_method(dense, "tome", tome_r=r), {"gmacs": gmacs, "tome_r": r}
+    ratios = "/".join(f"{v:.2f}" for v in topk.keep_ratio)
+    for name in models:
+        info[name]["setting"] = {"dense": "-", "tome": f"r={r}"}.get(name, f"keep {ratios} @ blocks {','.join(map(str, loc))}")
+    return models, info, images
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--keep-ratio", type=float, default=0.7)
+    p.add_argument("--batch", type=int, default=64, help="the large batch (batch 1 is always timed)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-seconds", type=float, default=2.0, help="minimum length of one timed repeat")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, usually the core count)")
+    p.add_argument("--flops-images", type=int, default=16, help="images averaged for threshold-mode GMACs")
+    p.add_argument("--max-load", type=float, default=0.5)
+    p.add_argument("--force", action="store_true", help="time even on a loaded machine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="out/speed_cpu.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("dynvit.benchmark").setLevel(logging.ERROR)  # "untrained predictors" is expected here
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    if load > args.max_load and not args.force:
+        raise SystemExit(f"load average {load:.2f} > {args.max_load}: other work would distort the timings; "
+                         "wait for a quiet machine or pass --force (and do not publish the result)")
+    models, info, images = build(args)
+    before = bench.machine_info()
+    speed = bench.measure_speed(models, images, (1, args.batch), repeats=args.repeats, min_seconds=args.min_seconds)
+    after = bench.machine_info()
+    dense_gmacs = info["dense"]["gmacs"]
+    header = HEADER + [h for bs in (1, args.batch) for h in (f"img/s b{bs}", f"speed-up b{bs}", f"speed-up / limit b{bs}")]
+    lines = []
+    for name, m in models.items():
+        limit = dense_gmacs / info[name]["gmacs"]
+        line = [name, info[name]["setting"], f"{info[name]['gmacs']:.2f}", f"{limit:.2f}x"]
+        for bs in (1, args.batch):
+            ips = speed[name][bs]["images_per_s"]
+            up = ips / speed["dense"][bs]["images_per_s"]
+            info[name][f"b{bs}"] = {**speed[name][bs], "speedup": up, "speedup_over_limit": up / limit}
+            line += [f"{ips:.1f}", f"{up:.2f}x", f"{up / limit:.2f}"]
+        lines.append(line)
+    command = "python benchmarks/speed_cpu.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    where = f"{before['processor']}, {before['threads']} threads, torch {before['torch']}, timm {before['timm']}"
+    print(f"<!-- {command} -->\n{args.model}, {where}; load average {before['load_average'][0]} before, "
+          f"{after['load_average'][0]} after; median of {args.repeats} repeats\n")
+    print(bench.markdown_table(header, lines))
+    bench.write_json(args.json, {"command": command, "machine": before, "load_average_after": after.get("load_average"),
+                                 "model": args.model, "rows": info})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""Measure token-reduction methods side by side: accuracy, GMACs, kept tokens, parameters, speed.
+
+Every method is built from one dense timm model (a deep copy, then patched), and measured on
+the same images, in the same process, on the same machine, so the rows of a table differ only
+by the method. :func:`compare` does a whole table; the pieces it uses are public:
+
+- :func:`make_method` builds ``dense``, ``dynvit``, ``evit``, ``tome`` or ``random`` on a copy.
+- :func:`evaluate` gives top-1, top-5 and the mean patch tokens each block computes.
+- :func:`match_tome_r` picks ToMe's ``r`` whose GMACs is closest to a target.
+- :func:`measure_speed` gives images/s, repeats interleaved across models, median reported.
+- :func:`markdown_table` and :func:`write_json` write the results.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+
+import timm
+import torch
+from torch import nn
+
+from .baselines import patch_evit, patch_random, patch_tome
+from .flops import count_flops
+from .patch import is_patched, patch
+from .ratios import normalize_keep_ratio, normalize_prune_loc
+
+__all__ = [
+    "METHODS", "dense_backbone", "default_prune_loc", "make_method", "calibrate_threshold_", "evaluate",
+    "match_tome_r", "measure_speed", "machine_info", "compare", "markdown_table", "results_table", "write_json",
+]
+
+_log = logging.getLogger(__name__)
+
+METHODS = ("dense", "dynvit", "evit", "tome", "random")
+
+
+# ---- models -------------------------------------------------------------------------------
+def dense_backbone(model: nn.Module) -> nn.Module:
+    """A plain timm model (eval mode) with the backbone weights of ``model``.
+
+    ``model`` is a timm model (copied) or a patched one carrying ``dynvit_meta`` (set by
+    :func:`dynvit.build_model` and :func:`dynvit.load_pretrained`), rebuilt without its
+    predictors.
+    """
+    if not is_patched(model) and getattr(model, "token_reduction", None) is None:
+        return copy.deepcopy(model).eval()
+    meta = getattr(model, "dynvit_meta", None)
+    if not meta:
+        raise ValueError("cannot rebuild the dense backbone of a patched model without model.dynvit_meta "
+                         "(dynvit.build_model and dynvit.load_pretrained set it)")
+    dense = timm.create_model(meta["model_name"], **meta["timm_kwargs"])
+    own = model.state_dict()
+    dense.load_state_dict({k: own[k] for k in dense.state_dict()})
+    dense.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    dense.dynvit_meta = dict(meta)
+    ref = next(model.parameters())
+    return dense.to(device=ref.device, dtype=ref.dtype).eval()
+
+
+def default_prune_loc(depth: int) -> tuple[int, ...]:
+    """DynamicViT's stages for a model of ``depth`` blocks: before 1/4, 1/2 and 3/4 of the depth."""
+    return normalize_prune_loc(sorted({max(1, depth * k // 4) for k in (1, 2, 3)}), depth)
+
+
+def make_method(
+    dense: nn.Module,
+    method: str,
+    *,
+    prune_loc: Sequence[int] = (3, 6, 9),
+    keep_ratio: float | Sequence[float] = 0.7,
+    tome_r: int = 0,
+    prune_mode: str = "topk",
+    seed: int = 0,
+) -> nn.Module:
+    """``method`` applied to a deep copy of the dense timm model, in eval mode.
+
+    ``dynvit`` here gets fresh, untrained predictors: use it for GMACs and speed only (a
+    trained dynvit model comes from its checkpoint). ``evit`` and ``random`` use
+    ``prune_loc``/``keep_ratio``, ``tome`` uses ``tome_r``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    model = copy.deepcopy(dense).eval()
+    if method == "dynvit":
+        _log.warning("dynvit with untrained predictors: its GMACs and speed mean something, its accuracy does not")
+        patch(model, prune_loc=prune_loc, keep_ratio=keep_ratio, prune_mode=prune_mode)
+        model.dynvit_meta = getattr(dense, "dynvit_meta", None)
+    elif method == "evit":
+        patch_evit(model, prune_loc=prune_loc, keep_ratio=keep_ratio)
+    elif method == "tome":
+        patch_tome(model, r=tome_r)
+    elif method == "random":
+        patch_random(model, prune_loc=prune_loc, keep_ratio=keep_ratio, seed=seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def calibrate_threshold_(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> nn.Module:
+    """Shift each untrained predictor's last bias so threshold mode keeps ``model.keep_ratio``.
+
+    Untrained predictors output about the same logit for every token, so threshold mode would
+    keep nearly all or nearly none. For timing threshold mode without trained weights, stage
+    by stage the bias is moved to the quantile of the logits (over ``images``) that keeps the
+    target fraction of the tokens still present. The spread of kept counts across images is
+    then that of random weights, not of a trained model.
+    """
+    old_mode, model.prune_mode = model.prune_mode, "threshold"
+    for s, predictor in enumerate(model.predictors):
+        prev = model.keep_ratio[s - 1] if s else 1.0
+        keep = model.keep_ratio[s] / prev
+        seen: list[torch.Tensor] = []
+
+        def grab(module, args, out):
+            mask = args[1] if len(args) > 1 else None
+            seen.append(out.flatten() if mask is None else out[mask.bool()])
+
+        handle = predictor.register_forward_hook(grab)
+        try:
+            for chunk in images.split(batch_size):
+                model.forward_pruned(chunk)
+        finally:
+            handle.remove()
+        logits = torch.cat(seen).float()
+        predictor.out_mlp[-1].bias -= torch.quantile(logits, 1.0 - keep).to(predictor.out_mlp[-1].bias.dtype)
+    model.prune_mode = old_mode
+    return model
+
+
+# ---- accuracy and tokens ------------------------------------------------------------------
+def _count_tokens(model: nn.Module, num_patches: int, batch: int, totals: list[float]):
+    """Hooks adding, per block, the patch tokens its MLP computes (fused/merged tokens count)."""
+    p = model.num_prefix_tokens
+    handles = []
+    for i, block in enumerate(model.blocks):
+        def hook(module, args, i=i):
+            totals[i] += (args[0].shape[1] - p) * args[0].shape[0]
+        handles.append(block.norm2.register_forward_pre_hook(hook))
+    return handles
+
+
+def _dynvit_tokens(model: nn.Module, masks: list[torch.Tensor], num_patches: int, totals: list[float], batch: int):
+    """Per block, the real kept patch tokens of a dynvit batch (padding excluded)."""
+    stage_of = {b: s for s, b in enumerate(model.prune_loc)}
+    count = float(num_patches * batch)
+    for i in range(len(model.blocks)):
+        if i in stage_of:
+            count = float(masks[stage_of[i]].sum())
+        totals[i] += count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu") -> dict:
+    """Top-1 and top-5 accuracy (%) and the mean patch tokens computed by each block.
+
+    Returns:
+        ``top1``, ``top5``, ``images`` and ``tokens_per_block`` (mean per image, one per
+        block; a dynvit model counts its really kept tokens, not the padding of a batch).
+    """
+    model.eval()
+    correct1 = correct5 = seen = 0
+    totals = [0.0] * len(model.blocks)
+    dynvit = is_patched(model) and model.prune_mode != "none"
+    for images, target in loader:
+        images, target = images.to(device), target.to(device)
+        num_patches = _num_patches(model, images.shape[-2:])
+        if dynvit:
+            out = model.forward_pruned(images)
+            logits = out.logits
+            _dynvit_tokens(model, out.keep_masks, num_patches, totals, len(images))
+        else:
+            handles = _count_tokens(model, num_patches, len(images), totals)
+            try:
+                logits = model(images)
+            finally:
+                for h in handles:
+                    h.remove()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == target[:, None]
+        correct1 += int(hit[:, 0].sum())
+        correct5 += int(hit.any(dim=1).sum())
+        seen += len(target)
+    if not seen:
+        raise ValueError("the evaluation loader yielded no images")
+    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "images": seen,
+            "tokens_per_block": [t / seen for t in totals]}
+
+
+def _num_patches(model: nn.Module, hw: Sequence[int]) -> int:
+    ph, pw = model.patch_embed.patch_size
+    return (int(hw[0]) // ph) * (int(hw[1]) // pw)
+
+
+# ---- GMACs --------------------------------------------------------------------------------
+def match_tome_r(dense: nn.Module, target_gmacs: float, input_size: Sequence[int]) -> tuple[int, float]:
+    """ToMe's ``r`` (the same in every block) whose GMACs is closest to ``target_gmacs``.
+
+    GMACs fall monotonically with ``r``, so a bisection over ``[0, N // 2]`` needs about
+    ``log2(N)`` fvcore counts.
+    """
+    cache: dict[int, float] = {}
+
+    def gmacs(r: int) -> float:
+        if r not in cache:
+            cache[r] = count_flops(make_method(dense, "tome", tome_r=r), tuple(input_size))
+        return cache[r]
+
+    lo, hi = 0, _num_patches(dense, input_size[-2:]) // 2
+    if gmacs(hi) > target_gmacs:
+        return hi, gmacs(hi)
+    while lo < hi:  # smallest r with gmacs(r) <= target
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if gmacs(mid) > target_gmacs else (lo, mid)
+    best = min((r for r in (lo - 1, lo) if r >= 0), key=lambda r: abs(gmacs(r) - target_gmacs))
+    return best, gmacs(best)
+
+
+def _gmacs(model: nn.Module, input_size: Sequence[int], images: torch.Tensor | None) -> float:
+    if is_patched(model) and model.prune_mode == "threshold":
+        return count_flops(model, tuple(input_size), images=images)
+    return count_flops(model, tuple(input_size))
+
+
+# ---- speed --------------------------------------------------------------------------------
+def machine_info(device: str | torch.device = "cpu") -> dict:
+    """What the timings ran on: device, processor, threads, library versions, load average."""
+    device = torch.device(device)
+    info = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "timm": timm.__version__, "python": platform.python_version(), "processor": _cpu_name()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _tile(images: torch.Tensor, n: int) -> torch.Tensor:
+    reps = math.ceil(n / len(images))
+    return images.repeat(reps, 1, 1, 1)[:n].contiguous()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_speed(
+    models: dict[str, nn.Module],
+    images: torch.Tensor,
+    batch_sizes: Sequence[int] = (1, 64),
+    *,
+    repeats: int = 5,
+    warmup: int = 3,
+    min_seconds: float = 1.0,
+) -> dict:
+    """Images per second of each eval-mode model at each batch size.
+
+    Per batch size: each model is warmed up (``warmup`` calls, discarded) and given enough
+    calls per repeat to run ``min_seconds``; then the repeats go round the models in turn, so
+    a change in machine load hits every model alike. The median of the repeats is reported.
+
+    Returns:
+        ``{name: {batch_size: {"images_per_s", "repeats", "calls_per_repeat"}}}``.
+    """
+    device = images.device
+    result: dict[str, dict[int, dict]] = {name: {} for name in models}
+    for bs in batch_sizes:
+        batch = _tile(images, bs)
+        calls = {}
+        for name, model in models.items():
+            model.eval()
+            for _ in range(warmup):
+                model(batch)
+            _sync(device)
+            t0 = time.perf_counter()
+            model(batch)
+            _sync(device)
+            calls[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+        rates: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(calls[name]):
+                    model(batch)
+                _sync(device)
+                rates[name].append(calls[name] * bs / (time.perf_counter() - t0))
+        for name in models:
+            result[name][bs] = {"images_per_s": statistics.median(rates[name]), "repeats": rates[name],
+                                "calls_per_repeat": calls[name]}
+            _log.info("%s batch %d: %.1f images/s", name, bs, result[name][bs]["images_per_s"])
+    return result
+
+
+# ---- a whole comparison -------------------------------------------------------------------
+def _params_m(model: nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def _fmt_ratios(ratios: Sequence[float]) -> str:
+    return "/".join(f"{r:.2f}" for r in ratios)
+
+
+def _measured_fractions(tokens_per_block: Sequence[float], prune_loc: Sequence[int], num_patches: int) -> tuple[float, ...]:
+    """Cumulative kept fractions at each stage from measured tokens, as a valid keep_ratio."""
+    fractions, last = [], 1.0
+    for b in prune_loc:
+        last = min(last, max(tokens_per_block[b] / num_patches, 1.0 / num_patches))
+        fractions.append(last)
+    return tuple(fractions)
+
+
+def compare(
+    dense: nn.Module,
+    *,
+    input_size: Sequence[int],
+    dynvit_model: nn.Module | None = None,
+    finetuned: dict[str, nn.Module] | None = None,
+    methods: Sequence[str] = METHODS,
+    prune_loc: Sequence[int] | None = None,
+    keep_ratio: float | Sequence[float] | None = None,
+    mode: str = "topk",
+    tome_r: int | None = None,
+    loader: Iterable | None = None,
+    images: torch.Tensor | None = None,
+    speed_images: torch.Tensor | None = None,
+    batch_sizes: Sequence[int] = (),
+    repeats: int = 5,
+    seed: int = 0,
+) -> tuple[list[dict], dict[str, nn.Module]]:
+    """Measure every method on the same dense model; one result row per method.
+
+    Args:
+        dense: the dense timm model every baseline is built from (eval mode, on its device).
+        input_size: ``(C, H, W)`` of the inputs.
+        dynvit_model: a trained dynvit model; ``None`` builds one with untrained predictors
+            (GMACs and speed only; threshold mode is then calibrated on ``images``).
+        finetuned: fine-tuned baselines by method (``evit``, ``tome``, ``random``); each is
+            rebuilt on its own weights with the same settings as the off-the-shelf row and
+            reported as ``<method>+ft``.
+        methods: rows to produce, from :data:`METHODS`.
+        prune_loc, keep_ratio: stages and cumulative kept fractions; default the dynvit
+            model's. In threshold mode EViT and random dropping keep, per stage, the mean
+            fraction dynvit really kept (measured on ``loader``, else on ``images``).
+        mode: dynvit's pruning mode.
+        tome_r: ToMe's tokens merged per block; ``None`` matches dynvit's GMACs.
+        loader: ``(images, targets)`` batches for accuracy; ``None`` skips accuracy.
+        images: real images ``(B, C, H, W)``: threshold-mode GMACs are their mean (each is
+            traced, so a few dozen suffice); random images when ``None``.
+        speed_images: images that fill the timed batches; default ``images``.
+        batch_sizes: batch sizes to time; empty skips timing.
+        repeats: timed repeats per model and batch size (the median is reported).
+        seed: seed of the random-dropping baseline.
+
+    Returns:
+        The rows (dicts, see ``results_table``) and the models by row name.
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+    device = next(dense.parameters()).device
+    if images is None:
+        images = torch.randn(8, *input_size, generator=torch.Generator().manual_seed(seed)).to(device)
+    dynvit_model, loc, ratios = _setup_dynvit(dense, dynvit_model, "dynvit" in methods, prune_loc, keep_ratio, mode, images)
+    rows = _Rows(input_size, images, loader)
+    rows.measure("dense", dense, setting="-")
+    if dynvit_model is not None and "dynvit" in methods:
+        row = rows.measure("dynvit", dynvit_model, setting=f"{mode}, keep {_fmt_ratios(ratios)}", mode=mode,
+                           prune_loc=list(loc), keep_ratio=list(ratios))
+        if mode == "threshold":  # the baselines keep what dynvit really kept
+            ratios = _measured_fractions(row["tokens_per_block"], loc, _num_patches(dense, input_size[-2:]))
+            row.update(setting=f"threshold, kept {_fmt_ratios(ratios)}", kept_fraction=list(ratios))
+        elif mode == "none":
+            ratios = (1.0,) * len(loc)
+            row["setting"] = "none (dense path)"
+    finetuned = finetuned or {}
+    for name in ("evit", "random"):
+        for label, source in ((name, dense), (f"{name}+ft", finetuned.get(name))):
+            if name in methods and source is not None:
+                model = make_method(dense_backbone(source), name, prune_loc=loc, keep_ratio=ratios, seed=seed)
+                rows.measure(label, model, setting=f"keep {_fmt_ratios(ratios)}", prune_loc=list(loc), keep_ratio=list(ratios))
+    if "tome" in methods:
+        if tome_r is None:
+            target = next((rows.rows[m]["gmacs"] for m in ("dynvit", "random", "evit") if m in rows.rows), None)
+            if target is None:
+                target = _gmacs(make_method(dense, "random", prune_loc=loc, keep_ratio=ratios), input_size, None)
+            tome_r, _ = match_tome_r(dense, target, input_size)
+        for label, source in (("tome", dense), ("tome+ft", finetuned.get("tome"))):
+            if source is not None:
+                rows.measure(label, make_method(dense_backbone(source), "tome", tome_r=tome_r), setting=f"r={tome_r}",
+                             tome_r=tome_r)
+    if batch_sizes:
+        speed_images = images if speed_images is None else speed_images
+        speed = measure_speed(rows.models, _tile(speed_images, max(batch_sizes)), batch_sizes, repeats=repeats)
+        for name, row in rows.rows.items():
+            row["speed"] = {str(bs): v for bs, v in speed[name].items()}
+    _derive(rows.rows)
+    return list(rows.rows.values()), rows.models
+
+
+def _setup_dynvit(dense, model, wanted, prune_loc, keep_ratio, mode, images):
+    """The dynvit model set to ``mode`` and ``keep_ratio`` (built untrained when none is given
+    and a dynvit row is wanted), the stages and the cumulative kept fractions."""
+    depth = len(dense.blocks)
+    default = model.prune_loc if model is not None else default_prune_loc(depth)
+    loc = normalize_prune_loc(tuple(prune_loc) if prune_loc else default, depth)
+    if model is None and wanted:
+        model = make_method(dense, "dynvit", prune_loc=loc, keep_ratio=0.7 if keep_ratio is None else keep_ratio)
+        if mode == "threshold":
+            calibrate_threshold_(model, images)
+    elif model is not None and keep_ratio is not None:
+        model.keep_ratio = keep_ratio
+    if model is None:
+        return None, loc, normalize_keep_ratio(0.7 if keep_ratio is None else keep_ratio, len(loc))
+    if tuple(model.prune_loc) != loc:
+        raise ValueError(f"prune_loc {loc} differs from the dynvit model's {model.prune_loc}")
+    model.prune_mode = mode
+    return model, loc, tuple(model.keep_ratio)
+
+
+class _Rows:
+    """Result rows and their models, measured alike: parameters, GMACs, accuracy and tokens."""
+
+    def __init__(self, input_size: Sequence[int], images: torch.Tensor, loader: Iterable | None):
+        self.input_size, self.images, self.loader = input_size, images, loader
+        self.rows: dict[str, dict] = {}
+        self.models: dict[str, nn.Module] = {}
+
+    def measure(self, name: str, model: nn.Module, **info) -> dict:
+        model.eval()
+        device = self.images.device
+        row = {"method": name, **info, "params_m": _params_m(model), "gmacs": _gmacs(model, self.input_size, self.images)}
+        if self.loader is not None:
+            row.update(evaluate(model, self.loader, device=device))
+        else:  # tokens only, on the given images
+            batch = [(self.images, torch.zeros(len(self.images), dtype=torch.long))]
+            row["tokens_per_block"] = evaluate(model, batch, device=device)["tokens_per_block"]
+        _log.info("%s: %s", name, {k: v for k, v in row.items() if k != "tokens_per_block"})
+        self.models[name], self.rows[name] = model, row
+        return row
+
+
+def _derive(rows: dict[str, dict]) -> None:
+    """Ratios to the dense row: GMACs ratio, its limit on the speed-up, the speed-ups."""
+    base = rows["dense"]
+    for row in rows.values():
+        row["gmacs_ratio"] = row["gmacs"] / base["gmacs"]
+        row["speedup_limit"] = base["gmacs"] / row["gmacs"]
+        for bs, s in row.get("speed", {}).items():
+            s["speedup"] = s["images_per_s"] / base["speed"][bs]["images_per_s"]
+            s["speedup_over_limit"] = s["speedup"] / row["speedup_limit"]
+
+
+# ---- writers ------------------------------------------------------------------------------
+def markdown_table(header: Sequence[str], body: Iterable[Sequence[object]]) -> str:
+    """A Markdown table; numbers in ``body`` should already be strings."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in line) + " |" for line in body]
+    return "\n".join(lines)
+
+
+def results_table(rows: Sequence[dict], prune_loc: Sequence[int] | None = None) -> str:
+    """The Markdown table of :func:`compare`'s rows; columns appear when the rows have them."""
+    has_acc = any("top1" in r for r in rows)
+    batch_sizes = sorted({int(bs) for r in rows for bs in r.get("speed", {})})
+    loc = list(prune_loc) if prune_loc else next((r["prune_loc"] for r in rows if "prune_loc" in r), [])
+    header = ["method", "setting"] + (["top-1", "top-5"] if has_acc else [])
+    header += ["GMACs", "GMACs ratio", "speed-up limit", f"tokens @ blocks {','.join(map(str, loc))}", "params (M)"]
+    for bs in batch_sizes:
+        header += [f"img/s b{bs}", f"speed-up b{bs}"]
+    if batch_sizes:
+        header.append(f"speed-up / limit b{batch_sizes[-1]}")
+    body = []
+    for r in rows:
+        line = [r["method"], r.get("setting", "")]
+        if has_acc:
+            line += [f"{r['top1']:.2f}", f"{r['top5']:.2f}"] if "top1" in r else ["", ""]
+        tokens = "/".join(f"{r['tokens_per_block'][b]:.1f}" for b in loc) if "tokens_per_block" in r else ""
+        line += [f"{r['gmacs']:.3f}", f"{r['gmacs_ratio']:.3f}", f"{r['speedup_limit']:.2f}x", tokens, f"{r['params_m']:.2f}"]
+        for bs in batch_sizes:
+            s = r.get("speed", {}).get(str(bs))
+            line += [f"{s['images_per_s']:.1f}", f"{s['speedup']:.2f}x"] if s else ["", ""]
+        if batch_sizes:
+            s = r.get("speed", {}).get(str(batch_sizes[-1]))
+            line.append(f"{s['speedup_over_limit']:.2f}" if s else "")
+        body.append(line)
+    return markdown_table(header, body)
+
+
+def write_json(path: str | os.PathLike, obj) -> str:
+    """Write ``obj`` as indented JSON, creating the folder; return the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    return path

@@ -1,0 +1,248 @@
+"""Benchmark dynvit against EViT, ToMe and random dropping: accuracy, GMACs, tokens, speed.
+
+    python eval.py --checkpoint DIR --data PATH [--mode threshold|topk|none] [--keep-ratio R]
+    python eval.py --model deit_small_patch16_224 --keep-ratio 0.7 --flops-only   # no data, no weights
+    python eval.py --checkpoint DIR --data PATH --sweep 1.0,0.9,0.8,0.7,0.6,0.5 --plot out/pareto.png
+    python eval.py --checkpoint DIR --data PATH --visualize 16 --out out/masks.png
+
+Every method is built from the same dense model (``--dense DIR``, else the backbone of
+``--checkpoint``) and measured in this one process: a Markdown table goes to stdout and every
+figure to ``--json``. ``--data`` is an ImageFolder split (class folders), or a dataset root
+holding ``val/`` or ``test/`` (or ``--split NAME``). See docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+import dynvit
+from dynvit import benchmark as bench
+from dynvit.data import DataError, SeededImageDataset, balanced_subset, build_transform, scan_image_folder
+from dynvit.hub import load_pretrained
+from dynvit.visualize import save_accuracy_vs_gmacs, save_keep_mask_grid
+
+logger = logging.getLogger("eval")
+_CACHE_BYTES = 1 << 30  # evaluation sets smaller than this are decoded once and kept in memory
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a directory written by dynvit.save_pretrained (dynvit or dense model)")
+    src.add_argument("--model", help="timm model name, random weights (GMACs and speed need no training)")
+    p.add_argument("--model-kwargs", default="", help="timm kwargs for --model as YAML, e.g. '{img_size: 32}'")
+    p.add_argument("--dense", help="dense checkpoint the baselines start from (default: the backbone of --checkpoint)")
+    p.add_argument("--finetuned", action="append", default=[], metavar="METHOD=DIR",
+                   help="a fine-tuned baseline checkpoint (evit, tome or random), reported as METHOD+ft; repeatable")
+    p.add_argument("--data", help="ImageFolder split, or a root with val/ or test/")
+    p.add_argument("--split", help="sub-folder of --data to evaluate")
+    p.add_argument("--limit", type=int, default=0, help="evaluate on this many images (class-balanced); 0 = all")
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers")
+    p.add_argument("--methods", default=",".join(bench.METHODS), help="rows to produce, comma-separated")
+    p.add_argument("--mode", choices=("threshold", "topk", "none"),
+                   help="dynvit pruning mode (default: threshold for a trained dynvit model, else topk)")
+    p.add_argument("--keep-ratio", type=_floats, help="r, or one cumulative fraction per stage (topk mode and baselines)")
+    p.add_argument("--prune-loc", type=lambda s: [int(v) for v in s.split(",")], help="stages, e.g. 3,6,9 (no checkpoint)")
+    p.add_argument("--tome-r", type=int, help="ToMe tokens merged per block (default: matched to dynvit's GMACs)")
+    p.add_argument("--flops-only", action="store_true", help="GMACs, tokens and parameters only: no data, no timing")
+    p.add_argument("--flops-images", type=int, default=16, help="images averaged for threshold-mode GMACs")
+    p.add_argument("--no-speed", action="store_true", help="skip the timing")
+    p.add_argument("--speed-batch", type=int, default=64, help="the large timed batch (batch 1 is always timed)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per model and batch (median reported)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sweep", type=_floats, help="keep ratios for an accuracy-vs-GMACs curve (topk mode)")
+    p.add_argument("--plot", help="PNG of the sweep, one line per method")
+    p.add_argument("--visualize", type=int, default=0, metavar="N", help="only draw the kept patches of N images")
+    p.add_argument("--out", default="out/masks.png", help="PNG of --visualize")
+    p.add_argument("--json", default="out/eval.json", help="where every figure is written")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image subset and of random dropping")
+    args = p.parse_args(argv)
+    if args.plot and not args.sweep:
+        p.error("--plot draws a --sweep")
+    if args.visualize and not args.data:
+        p.error("--visualize needs --data")
+    return args
+
+
+# ---- models and data ----------------------------------------------------------------------
+def data_config(model) -> dict:
+    """timm's data config of ``model``, with the input size the model was built for (timm keeps
+    224 in ``pretrained_cfg`` when a model is created with another ``img_size``)."""
+    config = dict(timm.data.resolve_model_data_config(model))
+    pe = model.patch_embed
+    if pe.img_size is not None and not getattr(model, "dynamic_img_size", False):
+        config["input_size"] = (pe.proj.in_channels, *pe.img_size)
+    return config
+
+
+def load_models(args) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
+    """The dense model, the trained dynvit model (or None) and fine-tuned baselines."""
+    import yaml
+
+    if args.checkpoint:
+        model = load_pretrained(args.checkpoint, device=args.device)
+    else:
+        kwargs = yaml.safe_load(args.model_kwargs) or {} if args.model_kwargs else {}
+        model = timm.create_model(args.model, pretrained=False, **kwargs).to(args.device).eval()
+        model.dynvit_meta = {"model_name": args.model, "timm_kwargs": kwargs}
+    trained = model if dynvit.is_patched(model) else None
+    dense = bench.dense_backbone(load_pretrained(args.dense, device=args.device) if args.dense else model)
+    finetuned = {}
+    for item in args.finetuned:
+        method, _, path = item.partition("=")
+        if method not in ("evit", "tome", "random") or not path:
+            raise SystemExit(f"--finetuned expects evit=DIR, tome=DIR or random=DIR, got {item!r}")
+        finetuned[method] = load_pretrained(path, device=args.device)
+    return dense, trained, finetuned
+
+
+def _split_folder(args) -> str:
+    if args.split:
+        return os.path.join(args.data, args.split)
+    for split in ("val", "test"):
+        if os.path.isdir(os.path.join(args.data, split)):
+            logger.info("evaluating the %r split of %s", split, args.data)
+            return os.path.join(args.data, split)
+    return args.data
+
+
+def load_data(args, model, limit: int):
+    """The evaluation dataset (model's own preprocessing) and the folder's class names."""
+    folder = scan_image_folder(_split_folder(args), what="evaluation")
+    classes = (getattr(model, "dynvit_meta", None) or {}).get("classes")
+    if classes and list(classes) != list(folder.classes):
+        raise DataError(f"the checkpoint's classes {classes[:5]}... differ from the folder's {folder.classes[:5]}...")
+    if model.num_classes != len(folder.classes):
+        raise DataError(f"the model has {model.num_classes} classes, the folder {len(folder.classes)}")
+    indices = balanced_subset(folder.targets, limit, args.seed)
+    dataset = SeededImageDataset(folder, build_transform(data_config(model), is_training=False), indices=indices, seed=args.seed)
+    return dataset, folder.classes
+
+
+def make_loader(dataset, args):
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    c, h, w = dataset[0][0].shape
+    if len(dataset) * c * h * w * 4 > _CACHE_BYTES:
+        return loader
+    batches = [(x.to(args.device), y.to(args.device)) for x, y in loader]  # decoded once, used by every method
+    logger.info("cached %d evaluation images in memory", len(dataset))
+    return batches
+
+
+# ---- the runs -----------------------------------------------------------------------------
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.visualize:
+        return visualize(args)
+    dense, trained, finetuned = load_models(args)
+    reference = trained if trained is not None else dense
+    input_size = tuple(data_config(reference)["input_size"])
+    mode = args.mode or ("threshold" if trained is not None else "topk")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    loader, images = None, None
+    if args.data and not args.flops_only:
+        if trained is None and "dynvit" in methods:
+            logger.warning("no trained predictors (dense checkpoint or --model): no dynvit row in an accuracy run")
+            methods.remove("dynvit")
+        dataset, _ = load_data(args, reference, args.limit)
+        loader = make_loader(dataset, args)
+        n = min(len(dataset), max(args.flops_images, args.speed_batch))
+        images = torch.stack([dataset[i][0] for i in range(n)]).to(args.device)
+    elif mode == "threshold" and trained is not None:
+        raise SystemExit("threshold mode keeps a different number of tokens per image: give --data, or use --mode topk")
+    flops_images = images[: args.flops_images] if images is not None else None
+    common = dict(input_size=input_size, dynvit_model=trained, finetuned=finetuned, methods=methods, mode=mode,
+                  prune_loc=args.prune_loc, tome_r=args.tome_r, loader=loader, seed=args.seed)
+    batch_sizes = () if args.flops_only or args.no_speed or args.sweep else (1, args.speed_batch)
+    result = {"command": "python eval.py " + " ".join(shlex.quote(a) for a in args.argv),
+              "machine": bench.machine_info(args.device), "input_size": list(input_size), "mode": mode}
+    if args.sweep:
+        if mode != "topk":
+            logger.warning("the sweep sets the keep ratio, which only top-k mode follows: dynvit runs in topk mode")
+            common["mode"] = result["mode"] = "topk"
+        result["sweep"] = []
+        for r in args.sweep:
+            rows, _ = bench.compare(dense, keep_ratio=_ratio(r), images=flops_images, **common)
+            for row in rows:
+                row["sweep_keep_ratio"] = r
+            result["sweep"].append({"keep_ratio": r, "rows": rows})
+            print(f"\n### keep ratio {r}\n\n{bench.results_table(rows)}", flush=True)
+        if args.plot:
+            result["plot"] = save_accuracy_vs_gmacs(args.plot, [row for s in result["sweep"] for row in s["rows"]],
+                                                    title=f"{_name(reference)}, {rows[0].get('images', 0)} images")
+    else:
+        keep = _ratio(args.keep_ratio) if args.keep_ratio else None
+        rows, _ = bench.compare(dense, keep_ratio=keep, images=flops_images, speed_images=images,
+                                batch_sizes=batch_sizes, repeats=args.repeats, **common)
+        result["rows"] = rows
+        result["machine"]["load_average_after"] = bench.machine_info(args.device).get("load_average")
+        print(_header(result, reference) + "\n\n" + bench.results_table(rows), flush=True)
+    result["json"] = bench.write_json(args.json, result)
+    print(f"\nwrote {result['json']}")
+    return result
+
+
+def _ratio(values):
+    if values is None:
+        return None
+    if isinstance(values, (int, float)):
+        return float(values)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _name(model) -> str:
+    return (getattr(model, "dynvit_meta", None) or {}).get("model_name", type(model).__name__)
+
+
+def _header(result: dict, model) -> str:
+    m = result["machine"]
+    where = m.get("gpu") or m["processor"]
+    load = m.get("load_average")
+    return (f"## {_name(model)} at {result['input_size'][1]}x{result['input_size'][2]}, dynvit {result['mode']} mode\n\n"
+            f"Device {m['device']} ({where}), {m['threads']} threads, torch {m['torch']}, timm {m['timm']}"
+            + (f", load average {load[0]} before / {m.get('load_average_after', ['?'])[0]} after" if load else ""))
+
+
+def visualize(args) -> dict:
+    """Only the keep-mask grid of ``args.visualize`` images (class-balanced) of a dynvit checkpoint."""
+    model = load_pretrained(args.checkpoint, device=args.device) if args.checkpoint else None
+    if model is None or not dynvit.is_patched(model):
+        raise SystemExit("--visualize needs the --checkpoint of a trained dynvit model")
+    dataset, classes = load_data(args, model, args.visualize)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(args.device)
+    labels = [target for _, target in dataset.samples]
+    path = save_keep_mask_grid(args.out, model, images, labels=labels, class_names=classes, mode=args.mode or "threshold")
+    print(f"wrote {path}")
+    return {"png": path}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("dynvit.baselines", "dynvit.patch"):  # one line per model patched (ToMe's r search patches many)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return run(args)
+    except (DataError, dynvit.WeightMismatchError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

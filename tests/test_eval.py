@@ -1,0 +1,177 @@
+"""eval.py and dynvit.benchmark on a tiny model: figures that must agree with each other.
+
+GMACs fall with the keep ratio, every baseline at keep ratio 1.0 (ToMe r=0) is the dense
+model, the dense row is the unpatched model, and the JSON holds what the table shows.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import timm
+import torch
+
+import dynvit
+from dynvit import benchmark as bench
+from dynvit.hub import load_pretrained, save_pretrained
+from dynvit.visualize import masked_panels
+
+from conftest import REPO, cifar_dir, randomize_
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, mlp_ratio=2.0, num_classes=10)
+TINY_YAML = "{img_size: 32, patch_size: 8, embed_dim: 48, depth: 4, num_heads: 2, mlp_ratio: 2.0, num_classes: 10}"
+DATA_CFG = dict(input_size=(3, 32, 32), mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), crop_pct=1.0,
+                interpolation="bicubic")
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _eval_module():
+    spec = importlib.util.spec_from_file_location("dynvit_eval_cli", REPO / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_dense(seed: int = 0) -> torch.nn.Module:
+    model = randomize_(timm.create_model("vit_tiny_patch16_224", **TINY), seed).eval()
+    model.dynvit_meta = {"model_name": "vit_tiny_patch16_224", "timm_kwargs": dict(TINY)}
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A dense checkpoint and a dynvit one fine-tuned from it (here: perturbed, not trained)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    dense = _tiny_dense()
+    save_pretrained(dense, root / "dense", classes=CLASSES, data_config=DATA_CFG)
+    model = dynvit.build_model("vit_tiny_patch16_224", prune_loc=(1, 2), keep_ratio=0.7, **TINY)
+    model.load_state_dict({**dense.state_dict(), **{k: v for k, v in model.state_dict().items() if "predictors" in k}})
+    randomize_(model.predictors, seed=3, scale=0.5)  # predictors that tell tokens apart
+    save_pretrained(model, root / "dynvit", classes=CLASSES, data_config=DATA_CFG)
+    return root
+
+
+def test_flops_only_sweep_is_monotone_and_starts_dense(tmp_path):
+    out = tmp_path / "flops.json"
+    _eval_module().main(["--model", "vit_tiny_patch16_224", "--model-kwargs", TINY_YAML, "--prune-loc", "1,2",
+                         "--flops-only", "--sweep", "1.0,0.7,0.4", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result == json.loads(json.dumps(result))  # plain JSON
+    by_method: dict[str, list[float]] = {}
+    for entry in result["sweep"]:
+        rows = {r["method"]: r for r in entry["rows"]}
+        assert set(rows) == set(bench.METHODS)
+        for name, row in rows.items():
+            by_method.setdefault(name, []).append(row["gmacs"])
+            assert row["gmacs_ratio"] == pytest.approx(row["gmacs"] / rows["dense"]["gmacs"])
+        if entry["keep_ratio"] == 1.0:
+            for name in ("evit", "tome", "random"):
+                assert rows[name]["gmacs"] == pytest.approx(rows["dense"]["gmacs"], rel=1e-12)
+            assert rows["tome"]["tome_r"] == 0
+            assert rows["dynvit"]["gmacs"] > rows["dense"]["gmacs"]  # the predictors cost something
+    for name, gmacs in by_method.items():
+        assert all(b <= a for a, b in zip(gmacs, gmacs[1:])), (name, gmacs)
+    assert by_method["dynvit"][-1] < 0.7 * by_method["dense"][0]
+
+
+def test_baselines_at_full_keep_equal_dense():
+    dense = _tiny_dense()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = dense(x)
+        for method, kwargs in [("evit", {}), ("random", {}), ("tome", {"tome_r": 0}), ("dense", {})]:
+            model = bench.make_method(dense, method, prune_loc=(1, 2), keep_ratio=1.0, **kwargs)
+            torch.testing.assert_close(model(x), ref, rtol=0, atol=0, msg=method)
+        dyn = bench.make_method(dense, "dynvit", prune_loc=(1, 2), keep_ratio=1.0, prune_mode="topk")
+        torch.testing.assert_close(dyn(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bench.dense_backbone(dyn)(x), ref, rtol=0, atol=0)
+    assert not dynvit.is_patched(bench.dense_backbone(dyn))
+
+
+def test_match_tome_r_is_closest():
+    dense = _tiny_dense()
+    target = 0.6 * dynvit.count_flops(dense, (3, 32, 32))
+    r, gmacs = bench.match_tome_r(dense, target, (3, 32, 32))
+    near = [dynvit.count_flops(bench.make_method(dense, "tome", tome_r=v), (3, 32, 32)) for v in (r - 1, r + 1) if v >= 0]
+    assert all(abs(gmacs - target) <= abs(g - target) for g in near)
+
+
+def test_calibrated_threshold_keeps_the_target():
+    dense = _tiny_dense()
+    model = bench.make_method(dense, "dynvit", prune_loc=(1, 2), keep_ratio=(0.6, 0.3), prune_mode="threshold")
+    images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    bench.calibrate_threshold_(model, images)
+    with torch.no_grad():
+        masks = model.forward_pruned(images).keep_masks
+    kept = [float(m.float().mean()) for m in masks]
+    assert kept == pytest.approx([0.6, 0.3], abs=0.08)
+
+
+def test_measure_speed_reports_medians():
+    models = {"dense": _tiny_dense(), "tome": bench.make_method(_tiny_dense(), "tome", tome_r=2)}
+    speed = bench.measure_speed(models, torch.randn(2, 3, 32, 32), (1, 4), repeats=3, warmup=1, min_seconds=0.01)
+    for name in models:
+        for bs in (1, 4):
+            s = speed[name][bs]
+            assert len(s["repeats"]) == 3 and s["calls_per_repeat"] >= 1
+            assert min(s["repeats"]) <= s["images_per_s"] <= max(s["repeats"])
+    info = bench.machine_info()
+    assert info["threads"] == torch.get_num_threads() and info["device"] == "cpu"
+
+
+def test_masked_panels_blank_dropped_patches():
+    images = torch.rand(2, 3, 16, 16) * 0.5
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 1] = mask[1, 3] = True
+    panels = masked_panels(images, [mask], (8, 8))
+    assert panels.shape == (2, 2, 3, 16, 16)
+    torch.testing.assert_close(panels[:, 0], images)
+    torch.testing.assert_close(panels[0, 1, :, :8, 8:], images[0, :, :8, 8:])  # kept patch 1 (row 0, col 1)
+    assert bool((panels[0, 1, :, 8:, :] == 1.0).all()) and bool((panels[1, 1, :, :8, :] == 1.0).all())
+
+
+def test_eval_on_real_images(checkpoints, tmp_path, capsys):
+    data = cifar_dir("test")
+    out = tmp_path / "eval.json"
+    cli = _eval_module()
+    cli.main(["--checkpoint", str(checkpoints / "dynvit"), "--dense", str(checkpoints / "dense"),
+              "--finetuned", f"evit={checkpoints / 'dense'}", "--data", str(data), "--limit", "40",
+              "--batch-size", "16", "--workers", "0", "--flops-images", "4", "--no-speed", "--json", str(out)])
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", "dynvit", "evit", "evit+ft", "random", "tome"}
+    for name in rows:
+        assert f"| {name} |" in table
+    assert result["mode"] == "threshold" and all(r["images"] == 40 for r in rows.values())
+
+    # The dense row is the unpatched model on the same images.
+    dense = load_pretrained(checkpoints / "dense")
+    dataset, _ = cli.load_data(cli.parse_args(["--model", "x", "--data", str(data), "--limit", "40"]), dense, 40)
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([dataset.samples[i][1] for i in range(len(dataset))])
+    with torch.no_grad():
+        top1 = 100.0 * float((dense(x).argmax(-1) == y).float().mean())
+    assert rows["dense"]["top1"] == pytest.approx(top1)
+    assert rows["dense"]["gmacs"] == pytest.approx(dynvit.count_flops(dense, (3, 32, 32)))
+    assert rows["evit+ft"]["top1"] == rows["evit"]["top1"]  # the same weights here
+
+    # Baselines keep what dynvit really kept; everything is cheaper than dense and consistent.
+    n0 = 16
+    kept = [rows["dynvit"]["tokens_per_block"][b] for b in (1, 2)]
+    assert n0 > kept[0] >= kept[1] > 0
+    assert rows["random"]["keep_ratio"] == pytest.approx([k / n0 for k in kept])
+    assert [rows["random"]["tokens_per_block"][b] for b in (1, 2)] == [round(k) for k in kept]
+    for name, row in rows.items():
+        assert 0 <= row["top5"] - row["top1"] and row["top5"] <= 100
+        assert row["gmacs_ratio"] == pytest.approx(row["gmacs"] / rows["dense"]["gmacs"])
+        assert row["gmacs"] <= rows["dense"]["gmacs"] or name == "dynvit"
+    assert max(rows[m]["gmacs"] for m in ("evit", "random")) < rows["dense"]["gmacs"]
+
+
+def test_visualize_writes_png(checkpoints, tmp_path):
+    png = tmp_path / "masks.png"
+    _eval_module().main(["--checkpoint", str(checkpoints / "dynvit"), "--data", str(cifar_dir("test")),
+                         "--visualize", "6", "--workers", "0", "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
