@@ -3,6 +3,7 @@
 Train predictors that decide which patch tokens to keep (binary Gumbel-sigmoid with a
 straight-through estimator), then really drop tokens at inference and count what it saved.
 """
+from .export import export_model
 from .flops import count_flops
 from .gumbel import gumbel_sigmoid, logistic_noise, straight_through_sigmoid
 from .model import DynViTMixin, PruningOutput, TrainingModel
@@ -24,6 +25,7 @@ __all__ = [
     "tau_at",
     "TauSchedule",
     "count_flops",
+    "export_model",
     "load_weights",
     "WeightMismatchError",
     "PruningOutput",

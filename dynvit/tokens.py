@@ -62,7 +62,9 @@ def threshold_indices(logits: torch.Tensor, valid: torch.Tensor | None = None) -
     position = torch.arange(n, device=logits.device).expand_as(keep)
     # Sort key: kept tokens in original order first, then the rest.
     order = torch.argsort(torch.where(keep, position, position + n), dim=1)
-    k = int(count.max())
+    # .item() rather than int(): under torch.export the count becomes a symbolic size (the
+    # ONNX/.pt2 graph computes it per image) instead of a guard on one traced value.
+    k = count.max().item()
     index = order[:, :k]
     index_valid = torch.arange(k, device=logits.device).unsqueeze(0) < count.unsqueeze(1)
     return index, index_valid
