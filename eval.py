@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="evaluate on this many images (class-balanced); 0 = all")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     p.add_argument("--workers", type=int, default=2, help="data loader workers")
-    p.add_argument("--methods", default=",".join(bench.METHODS), help="rows to produce, comma-separated")
+    p.add_argument("--methods", default=",".join(bench.METHODS), help="rows, comma-separated (dense is always measured)")
     p.add_argument("--mode", choices=("threshold", "topk", "none"),
                    help="dynvit pruning mode (default: threshold for a trained dynvit model, else topk)")
     p.add_argument("--keep-ratio", type=_floats, help="r, or one cumulative fraction per stage (topk mode and baselines)")

@@ -494,7 +494,7 @@ def results_table(rows: Sequence[dict], prune_loc: Sequence[int] | None = None) 
         if has_acc:
             line += [f"{r['top1']:.2f}", f"{r['top5']:.2f}"] if "top1" in r else ["", ""]
         tokens = "/".join(f"{r['tokens_per_block'][b]:.1f}" for b in loc) if "tokens_per_block" in r else ""
-        line += [f"{r['gmacs']:.3f}", f"{r['gmacs_ratio']:.3f}", f"{r['speedup_limit']:.2f}x", tokens, f"{r['params_m']:.2f}"]
+        line += [f"{r['gmacs']:.4g}", f"{r['gmacs_ratio']:.3f}", f"{r['speedup_limit']:.2f}x", tokens, f"{r['params_m']:.2f}"]
         for bs in batch_sizes:
             s = r.get("speed", {}).get(str(bs))
             line += [f"{s['images_per_s']:.1f}", f"{s['speedup']:.2f}x"] if s else ["", ""]
