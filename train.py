@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
+import time
 
 import torch
 from accelerate import Accelerator
@@ -51,9 +51,22 @@ def _gmacs(model, images, modes, input_size) -> dict:
     return {f"gmacs_{m}": dynvit.count_flops(model, input_size, images=images, mode=m) for m in modes}
 
 
+def _validate(model, ema, loader, accelerator, cfg: Config, flop_images, input_size) -> dict:
+    """Top-1 per pruning mode, kept tokens per stage, EMA top-1 and (main process) GMACs."""
+    metrics = evaluate(model, loader, accelerator, cfg.train.eval_modes)
+    if ema is not None:
+        ema_metrics = evaluate(ema.module, loader, accelerator, cfg.train.eval_modes[:1])
+        metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+    if accelerator.is_main_process and flop_images is not None:
+        metrics.update(_gmacs(model, flop_images, cfg.train.eval_modes, input_size))
+    return metrics
+
+
 def train(cfg: Config) -> dict:
     """Run the configured training; return the last validation metrics (plus ``step``,
     ``output_dir`` and, when the run completed, ``final_dir``)."""
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
     out_dir = cfg.train.output_dir
     ckpt_root = os.path.join(out_dir, "checkpoints")
     accum = cfg.optim.grad_accum_steps
@@ -147,8 +160,9 @@ def train(cfg: Config) -> dict:
 
     # The loop.
     step, metrics, stopped = state.step, {}, False
-    running, seen_steps = {}, 0
-    flop_images = None
+    running, seen_steps, start = {}, 0, time.time()
+    n_flops = min(cfg.train.flops_images, len(val_set))  # the first validation images, the same every epoch
+    flop_images = torch.stack([val_set[i][0] for i in range(n_flops)]).to(accelerator.device) if n_flops else None
     for epoch in range(step // steps_per_epoch, cfg.train.epochs):
         training_model.train()
         train_set.set_epoch(epoch)
@@ -196,6 +210,7 @@ def train(cfg: Config) -> dict:
                 record = {f"train/{n}": v for n, v in zip(names, means.tolist())}
                 lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
                 record.update({f"lr/{k}": v for k, v in lrs.items()}, **{"train/tau": tau, "epoch": epoch})
+                record["time"] = round(time.time() - start, 1)
                 accelerator.log(record, step=step)
                 metrics_file.write({"step": step, **record})
                 bar.set_postfix(loss=f"{record['train/total']:.4f}")
@@ -208,17 +223,10 @@ def train(cfg: Config) -> dict:
         bar.close()
         epoch_done = step % steps_per_epoch == 0
         if epoch_done and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or epoch + 1 == cfg.train.epochs):
-            metrics = evaluate(model, val_loader, accelerator, cfg.train.eval_modes)
-            if ema is not None:
-                ema_metrics = evaluate(ema.module, val_loader, accelerator, cfg.train.eval_modes[:1])
-                metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-            if accelerator.is_main_process and cfg.train.flops_images:
-                if flop_images is None:  # the first validation images, the same every epoch
-                    n = min(cfg.train.flops_images, len(val_set))
-                    flop_images = torch.stack([val_set[i][0] for i in range(n)]).to(accelerator.device)
-                metrics.update(_gmacs(model, flop_images, cfg.train.eval_modes, data_config["input_size"]))
+            metrics = _validate(model, ema, val_loader, accelerator, cfg, flop_images, data_config["input_size"])
             accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
-            metrics_file.write({"step": step, "epoch": epoch, **{f"val/{k}": v for k, v in metrics.items()}})
+            metrics_file.write({"step": step, "epoch": epoch, "time": round(time.time() - start, 1),
+                                **{f"val/{k}": v for k, v in metrics.items()}})
             logger.info("epoch %d step %d: %s", epoch, step, {k: round(v, 4) for k, v in metrics.items()})
         save_checkpoint(accelerator, ckpt_root, step, cfg, cfg.train.keep_checkpoints)
         if stopped:
@@ -227,9 +235,8 @@ def train(cfg: Config) -> dict:
     result = {**metrics, "step": step, "output_dir": out_dir}
     if not stopped and accelerator.is_main_process:
         result["final_dir"] = save_pretrained(model, os.path.join(out_dir, "final"), classes=classes,
-                                                     data_config=data_config)
+                                              data_config=data_config)
         if ema is not None:
-            ema.module.dynvit_meta = model.dynvit_meta
             save_pretrained(ema.module, os.path.join(out_dir, "final_ema"), classes=classes, data_config=data_config)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -142,7 +142,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights_and_tau(tmp_path):
     whole, cut = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
     after_resume = [r for r in cut if r["step"] > 3 and "train/total" in r]
     same_steps = [r for r in whole if r["step"] > 3 and "train/total" in r]
-    assert after_resume == same_steps  # losses, tau and learning rates, step by step
+    drop_time = lambda records: [{k: v for k, v in r.items() if k != "time"} for r in records]  # noqa: E731
+    assert drop_time(after_resume) == drop_time(same_steps)  # losses, tau and learning rates, step by step
     assert after_resume[-1]["train/tau"] == pytest.approx(0.2 + 0.8 / 8)
 
 
@@ -208,16 +209,21 @@ def _free_port() -> int:
 
 
 def test_two_cpu_processes_train_what_one_does(tmp_path):
-    """Same global batch (16 = 2 x 8) on two gloo processes: the update agrees with one process
-    to a few percent (only the Gumbel noise of the second half-batch differs)."""
-    cfg = smoke(tmp_path / "one")
+    """The smoke run with the same global batch (16 = 2 x 8) on two gloo processes ends where
+    one process ends, up to float rounding.
+
+    Sampling is deterministic here: with Gumbel sampling each process draws its own noise, so
+    the second half-batch sees different masks than in the one-process run (after the 8 steps
+    of this run that alone moves the weights by about half of their update)."""
+    sampler = ["--model.sampler", "deterministic"]
+    cfg = smoke(tmp_path / "one", *sampler)
     set_seed(cfg.train.seed)
     initial = create_model(cfg, num_classes=10).state_dict()
     train(cfg)
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "train.py", "--config", "configs/smoke.yaml",
-           "--data.path", str(CIFAR10), "--train.output_dir", str(tmp_path / "two")]
+           "--data.path", str(CIFAR10), "--train.output_dir", str(tmp_path / "two"), *sampler]
     # Accelerate sets up gloo CPU training only when told to use the CPU (see README).
     run = subprocess.run(cmd, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -225,4 +231,4 @@ def test_two_cpu_processes_train_what_one_does(tmp_path):
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     update = torch.cat([(one[k] - initial[k]).flatten() for k in one]).norm()
     gap = torch.cat([(one[k] - two[k]).flatten() for k in one]).norm()
-    assert update > 0 and gap < 0.1 * update, (float(gap), float(update))
+    assert update > 0.1 and gap < 1e-3 * update, (float(gap), float(update))
