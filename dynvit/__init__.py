@@ -5,6 +5,7 @@ straight-through estimator), then really drop tokens at inference and count what
 """
 from .export import export_model
 from .flops import count_flops
+from .hub import load_pretrained, save_pretrained
 from .gumbel import gumbel_sigmoid, logistic_noise, straight_through_sigmoid
 from .model import DynViTMixin, PruningOutput, TrainingModel
 from .patch import build_model, is_patched, patch
@@ -26,6 +27,8 @@ __all__ = [
     "TauSchedule",
     "count_flops",
     "export_model",
+    "save_pretrained",
+    "load_pretrained",
     "load_weights",
     "WeightMismatchError",
     "PruningOutput",

@@ -78,7 +78,13 @@ def save_pretrained(
         )
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    data_config = data_config or timm.data.resolve_model_data_config(model)
+    if data_config is None:
+        data_config = timm.data.resolve_model_data_config(model)
+        # timm's config carries the pretrained tag's size (224 for deit_*), not the size the
+        # model was built for; the patch embedding knows the real one.
+        pe = getattr(model, "patch_embed", None)
+        if pe is not None and getattr(pe, "img_size", None) is not None:
+            data_config["input_size"] = (data_config["input_size"][0], *pe.img_size)
     num_classes = getattr(model, "num_classes", None)
     if classes is not None and num_classes is not None and len(classes) != num_classes:
         raise ValueError(f"{len(classes)} class names for a model with {num_classes} classes")
