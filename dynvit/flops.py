@@ -12,8 +12,6 @@ import warnings
 from collections.abc import Iterable
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
 __all__ = ["count_flops", "sdpa_flop_jit", "flop_count_analysis"]
@@ -23,6 +21,8 @@ _log = logging.getLogger(__name__)
 
 def sdpa_flop_jit(inputs, outputs) -> int:
     """MACs of ``softmax(q @ k^T) @ v`` for q ``(..., L, E)``, k ``(..., S, E)``, v ``(..., S, Ev)``."""
+    from fvcore.nn.jit_handles import get_shape
+
     q, k, v = (get_shape(t) for t in inputs[:3])
     batch = 1
     for d in q[:-2]:
@@ -32,8 +32,11 @@ def sdpa_flop_jit(inputs, outputs) -> int:
     return batch * L * S * (E + Ev)
 
 
-def flop_count_analysis(model: nn.Module, inputs: torch.Tensor) -> FlopCountAnalysis:
+def flop_count_analysis(model: nn.Module, inputs: torch.Tensor):
     """fvcore analysis with attention counted and the usual warnings silenced."""
+    # Imported here: fvcore's import warns about torch.jit.script, which `import dynvit` should not.
+    from fvcore.nn import FlopCountAnalysis
+
     analysis = FlopCountAnalysis(model, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
