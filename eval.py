@@ -190,7 +190,6 @@ def run(args) -> dict:
         rows, _ = bench.compare(dense, keep_ratio=keep, images=flops_images, speed_images=images,
                                 batch_sizes=batch_sizes, repeats=args.repeats, **common)
         result["rows"] = rows
-        result["machine"]["load_average_after"] = bench.machine_info(args.device).get("load_average")
         print(_header(result, reference) + "\n\n" + bench.results_table(rows), flush=True)
     result["json"] = bench.write_json(args.json, result)
     print(f"\nwrote {result['json']}")
@@ -212,10 +211,11 @@ def _name(model) -> str:
 def _header(result: dict, model) -> str:
     m = result["machine"]
     where = m.get("gpu") or m["processor"]
-    load = m.get("load_average")
-    return (f"## {_name(model)} at {result['input_size'][1]}x{result['input_size'][2]}, dynvit {result['mode']} mode\n\n"
-            f"Device {m['device']} ({where}), {m['threads']} threads, torch {m['torch']}, timm {m['timm']}"
-            + (f", load average {load[0]} before / {m.get('load_average_after', ['?'])[0]} after" if load else ""))
+    text = (f"## {_name(model)} at {result['input_size'][1]}x{result['input_size'][2]}, dynvit {result['mode']} mode\n\n"
+            f"Device {m['device']} ({where}), {m['threads']} threads, torch {m['torch']}, timm {m['timm']}")
+    speed = result["rows"][0].get("speed", {})
+    other = [f"{100 * s['other_cpu_share']:.0f}% at batch {bs}" for bs, s in speed.items() if s["other_cpu_share"] is not None]
+    return text + (f"; CPU taken by other processes while timing: {', '.join(other)}" if other else "")
 
 
 def visualize(args) -> dict:

@@ -8,8 +8,8 @@ median reported: dense, dynvit in top-k and in threshold mode, EViT and random d
 same stages and kept fractions, ToMe with ``r`` matched to dynvit's top-k GMACs. Untrained
 predictors are calibrated (their last bias) so that threshold mode keeps the target fraction
 on the timed images. Timings on a busy machine are worthless: the script refuses to run when
-the 1-minute load average exceeds ``--max-load`` (override with ``--force``) and records the
-load before and after in the JSON.
+the 1-minute load average exceeds ``--max-load`` (override with ``--force``), and measures the
+CPU time other processes took while timing (printed with the table, and in the JSON).
 """
 from __future__ import annotations
 
@@ -92,10 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(line)
     command = "python benchmarks/speed_cpu.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     where = f"{before['processor']}, {before['threads']} threads, torch {before['torch']}, timm {before['timm']}"
-    print(f"<!-- {command} -->\n{args.model}, {where}; load average {before['load_average'][0]} before, "
-          f"{after['load_average'][0]} after; median of {args.repeats} repeats\n")
+    other = ", ".join(f"{100 * (speed['dense'][bs]['other_cpu_share'] or 0):.0f}% at batch {bs}" for bs in (1, args.batch))
+    print(f"<!-- {command} -->\n{args.model}, {where}; median of {args.repeats} repeats; 1-minute load average "
+          f"{load:.2f} at the start; CPU taken by other processes while timing: {other}\n")
     print(bench.markdown_table(header, lines))
-    bench.write_json(args.json, {"command": command, "machine": before, "load_average_after": after.get("load_average"),
+    bench.write_json(args.json, {"command": command, "machine": before, "load_average_start": load,
+                                 "load_average_after": after.get("load_average"),
                                  "model": args.model, "rows": info})
 
 

@@ -33,7 +33,7 @@ from .ratios import normalize_keep_ratio, normalize_prune_loc
 
 __all__ = [
     "METHODS", "dense_backbone", "default_prune_loc", "make_method", "calibrate_threshold_", "evaluate",
-    "match_tome_r", "measure_speed", "machine_info", "compare", "markdown_table", "results_table", "write_json",
+    "match_tome_r", "measure_speed", "OtherCpuUse", "machine_info", "compare", "markdown_table", "results_table", "write_json",
 ]
 
 _log = logging.getLogger(__name__)
@@ -251,6 +251,42 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+class OtherCpuUse:
+    """Context manager: the share of the CPUs that *other* processes (and the hypervisor's
+    steal) took while the block ran, from ``/proc/stat`` minus this process's own CPU time.
+
+    A timing is trustworthy when ``share`` is near 0; ``None`` where ``/proc/stat`` is missing.
+    """
+
+    share: float | None = None
+    steal: float | None = None
+
+    @staticmethod
+    def _read() -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [float(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        steal = fields[7] if len(fields) > 7 else 0.0
+        return (sum(fields[:8]) - idle - steal) / hz, steal / hz
+
+    def __enter__(self):
+        self._start = (self._read(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        end, own, wall = self._read(), time.process_time(), time.perf_counter()
+        if self._start[0] is None or end is None:
+            return
+        capacity = (wall - self._start[2]) * (os.cpu_count() or 1)
+        others = (end[0] - self._start[0][0]) - (own - self._start[1])
+        self.share = max(0.0, others) / capacity
+        self.steal = (end[1] - self._start[0][1]) / capacity
+
+
 def _tile(images: torch.Tensor, n: int) -> torch.Tensor:
     reps = math.ceil(n / len(images))
     return images.repeat(reps, 1, 1, 1)[:n].contiguous()
@@ -278,7 +314,9 @@ def measure_speed(
     a change in machine load hits every model alike. The median of the repeats is reported.
 
     Returns:
-        ``{name: {batch_size: {"images_per_s", "repeats", "calls_per_repeat"}}}``.
+        ``{name: {batch_size: {"images_per_s", "repeats", "calls_per_repeat", "other_cpu_share",
+        "steal_share"}}}``; the last two (see :class:`OtherCpuUse`) say how much other work ran
+        during the repeats of that batch size, and should be near 0 for figures to publish.
     """
     device = images.device
     result: dict[str, dict[int, dict]] = {name: {} for name in models}
@@ -295,17 +333,22 @@ def measure_speed(
             _sync(device)
             calls[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-6)))
         rates: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(repeats):
-            for name, model in models.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                for _ in range(calls[name]):
-                    model(batch)
-                _sync(device)
-                rates[name].append(calls[name] * bs / (time.perf_counter() - t0))
+        with OtherCpuUse() as other:
+            for _ in range(repeats):
+                for name, model in models.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(calls[name]):
+                        model(batch)
+                    _sync(device)
+                    rates[name].append(calls[name] * bs / (time.perf_counter() - t0))
+        if other.share is not None and other.share + other.steal > 0.05:
+            _log.warning("batch %d: other processes took %.0f%% of the CPUs (steal %.0f%%) while timing; "
+                         "do not publish these figures", bs, 100 * other.share, 100 * other.steal)
         for name in models:
             result[name][bs] = {"images_per_s": statistics.median(rates[name]), "repeats": rates[name],
-                                "calls_per_repeat": calls[name]}
+                                "calls_per_repeat": calls[name], "other_cpu_share": other.share,
+                                "steal_share": other.steal}
             _log.info("%s batch %d: %.1f images/s", name, bs, result[name][bs]["images_per_s"])
     return result
 
