@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 import dynvit
 from dynvit.config import Config, ConfigError, load_config, save_config, to_dict
-from dynvit.hub import save_pretrained
 from dynvit.data import DataError, build_datasets, resolve_data, scan_image_folder
 from dynvit.losses import PruningLoss, classification_criterion
 from dynvit.training import (DenseTrainingModel, MetricsFile, TrainState, create_model, create_teacher, evaluate,
@@ -49,6 +48,16 @@ def _gmacs(model, images, modes, input_size) -> dict:
     if not hasattr(model, "prune_mode"):
         return {"gmacs_none": dynvit.count_flops(model, input_size)}
     return {f"gmacs_{m}": dynvit.count_flops(model, input_size, images=images, mode=m) for m in modes}
+
+
+def _train_record(running: dict, count: int, accelerator, optimizer) -> dict:
+    """Means over processes and the last ``count`` micro-batches of the summed loss terms (the
+    one synchronisation of a logging interval), and the learning rate of each group."""
+    names = list(running)
+    means = accelerator.reduce(torch.stack([running[n] for n in names]).float(), "mean") / count
+    record = {f"train/{n}": v for n, v in zip(names, means.tolist())}
+    record.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
+    return record
 
 
 def _validate(model, ema, loader, accelerator, cfg: Config, flop_images, input_size) -> dict:
@@ -205,12 +214,8 @@ def train(cfg: Config) -> dict:
             if ema is not None:
                 ema.update(model, step=step)
             if step % cfg.train.log_every == 0 or step == total_steps:
-                names = list(running)
-                means = accelerator.reduce(torch.stack([running[n] for n in names]).float(), "mean") / (seen_steps * accum)
-                record = {f"train/{n}": v for n, v in zip(names, means.tolist())}
-                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-                record.update({f"lr/{k}": v for k, v in lrs.items()}, **{"train/tau": tau, "epoch": epoch})
-                record["time"] = round(time.time() - start, 1)
+                record = _train_record(running, seen_steps * accum, accelerator, optimizer)
+                record.update({"train/tau": tau, "epoch": epoch, "time": round(time.time() - start, 1)})
                 accelerator.log(record, step=step)
                 metrics_file.write({"step": step, **record})
                 bar.set_postfix(loss=f"{record['train/total']:.4f}")
@@ -234,10 +239,10 @@ def train(cfg: Config) -> dict:
 
     result = {**metrics, "step": step, "output_dir": out_dir}
     if not stopped and accelerator.is_main_process:
-        result["final_dir"] = save_pretrained(model, os.path.join(out_dir, "final"), classes=classes,
-                                              data_config=data_config)
+        final = {"classes": classes, "data_config": data_config}
+        result["final_dir"] = dynvit.save_pretrained(model, os.path.join(out_dir, "final"), **final)
         if ema is not None:
-            save_pretrained(ema.module, os.path.join(out_dir, "final_ema"), classes=classes, data_config=data_config)
+            dynvit.save_pretrained(ema.module, os.path.join(out_dir, "final_ema"), **final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -252,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume is not None:
         overrides += ["--train.resume", args.resume]
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:

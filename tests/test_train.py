@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -158,9 +160,9 @@ def test_sigkill_during_training_then_resume(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = out / "checkpoints" / "latest"
     while proc.poll() is None and not (pointer.exists() and pointer.read_text().strip() >= "step_00000006"):
-        pass
+        time.sleep(0.05)
     proc.kill()
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
     subprocess.run(cmd + ["--resume"], cwd=REPO, check=True, capture_output=True)
     a, b = weights(tmp_path / "whole"), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
