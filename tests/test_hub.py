@@ -16,6 +16,15 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, num_c
 CLASSES = ["a", "b", "c", "d", "e"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread and lose a lot when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _pruning_model():
     model = dynvit.build_model("vit_tiny_patch16_224", prune_loc=(1, 3), keep_ratio=[0.6, 0.3], **TINY)
     randomize_(model, scale=0.5)  # predictor logits spread around 0, so threshold mode keeps different counts

@@ -28,7 +28,17 @@ from dynvit.training import create_model, create_teacher
 sys.path.insert(0, str(REPO))
 from train import main, train  # noqa: E402
 
+QUICK_EVAL = ["--train.eval_modes", "[topk]", "--train.flops_images", "0"]
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, mlp_ratio=2.0, num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread and lose a lot when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def smoke(out, *overrides):
@@ -132,7 +142,7 @@ def test_a_run_writes_config_metrics_checkpoints_and_model(tmp_path):
 
 def test_killed_and_resumed_run_ends_with_the_same_weights_and_tau(tmp_path):
     common = ["--aug.mixup", "0.8", "--aug.smoothing", "0.1", "--model.drop_path_rate", "0.1",
-              "--tau.kind", "linear", "--tau.tau_end", "0.2", "--train.log_every", "1", "--data.num_workers", "1"]
+              "--tau.kind", "linear", "--tau.tau_end", "0.2", "--train.log_every", "1", "--data.num_workers", "1", *QUICK_EVAL]
     train(smoke(tmp_path / "whole", *common))
     stopped = train(smoke(tmp_path / "cut", *common, "--train.stop_after_steps", "3"))  # mid-epoch (4 steps each)
     assert stopped["step"] == 3 and "final_dir" not in stopped
@@ -217,7 +227,7 @@ def test_two_cpu_processes_train_what_one_does(tmp_path):
     Sampling is deterministic here: with Gumbel sampling each process draws its own noise, so
     the second half-batch sees different masks than in the one-process run (after the 8 steps
     of this run that alone moves the weights by about half of their update)."""
-    sampler = ["--model.sampler", "deterministic"]
+    sampler = ["--model.sampler", "deterministic", *QUICK_EVAL]
     cfg = smoke(tmp_path / "one", *sampler)
     set_seed(cfg.train.seed)
     initial = create_model(cfg, num_classes=10).state_dict()
