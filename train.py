@@ -92,6 +92,7 @@ def train(cfg: Config) -> dict:
         # process would train alone and write the same files.
         raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but Accelerate runs "
                            f"{accelerator.num_processes}; for several CPU processes set ACCELERATE_USE_CPU=1")
+    checkpoint = find_checkpoint(cfg.train.resume, ckpt_root)  # before anything is written to out_dir
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
         os.makedirs(ckpt_root, exist_ok=True)
@@ -160,7 +161,6 @@ def train(cfg: Config) -> dict:
     ema = ModelEmaV3(model, decay=cfg.optim.ema_decay) if cfg.optim.ema else None
     state = TrainState()
     accelerator.register_for_checkpointing(state, scheduler, *([ema] if ema else []))
-    checkpoint = find_checkpoint(cfg.train.resume, ckpt_root)
     if checkpoint:
         accelerator.load_state(checkpoint)
         logger.info("resumed from %s at step %d", checkpoint, state.step)
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.exit(2, f"config error: {e}\n")
     try:
         return train(cfg)
-    except (DataError, dynvit.WeightMismatchError) as e:
+    except (DataError, dynvit.WeightMismatchError, FileExistsError) as e:
         parser.exit(1, f"error: {e}\n")
 
 

@@ -133,7 +133,8 @@ def save_checkpoint(accelerator, root: str, step: int, cfg: Config, keep: int) -
     name = f"step_{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in (d for d in os.listdir(root) if d.startswith(".step_")):  # left by a crash mid-save
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
@@ -157,6 +158,9 @@ def find_checkpoint(resume: str, root: str) -> str | None:
     """The checkpoint to resume from: ``"auto"`` = the ``latest`` one under ``root`` (None
     when there is none), a path = that checkpoint (or the ``latest`` of that folder)."""
     if not resume:
+        if os.path.isfile(os.path.join(root, LATEST)):
+            raise FileExistsError(f"{root} holds checkpoints of an earlier run; resume it (--resume, or train.resume: auto) "
+                                  "or choose another train.output_dir")
         return None
     base = root if resume == "auto" else resume
     pointer = os.path.join(base, LATEST)

@@ -101,7 +101,7 @@ def test_ratio_term_pulls_the_kept_fraction_to_its_target():
         model.predictors[0].out_mlp[-1].bias.fill_(4.0)  # starts keeping ~98% of the tokens
     net = dynvit.TrainingModel(model).train()
     criterion = PruningLoss(classification_criterion(mixup=False, smoothing=0.0), model.keep_ratio,
-                            distill_logits_weight=0.0, distill_tokens_weight=0.0)
+                            cls_weight=0.0, distill_logits_weight=0.0, distill_tokens_weight=0.0)  # the ratio term alone
     optimizer = torch.optim.AdamW(model.predictors.parameters(), lr=1e-2)
 
     def kept_fraction():
@@ -157,6 +157,14 @@ def test_killed_and_resumed_run_ends_with_the_same_weights_and_tau(tmp_path):
     drop_time = lambda records: [{k: v for k, v in r.items() if k != "time"} for r in records]  # noqa: E731
     assert drop_time(after_resume) == drop_time(same_steps)  # losses, tau and learning rates, step by step
     assert after_resume[-1]["train/tau"] == pytest.approx(0.2 + 0.8 / 8)
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000004\n")
+    with pytest.raises(FileExistsError, match="resume"):
+        train(smoke(tmp_path))
+    assert not (tmp_path / "config.yaml").exists()
 
 
 @pytest.mark.slow
