@@ -221,6 +221,16 @@ def test_train_script_reports_data_errors(tmp_path, capsys):
     assert "training folder" in capsys.readouterr().err
 
 
+def test_gradient_accumulation_trains_what_one_big_batch_does(tmp_path):
+    """Two micro-batches of 8 per step end where batches of 16 end (deterministic sampling, as
+    the Gumbel noise of a micro-batch is drawn on its own)."""
+    common = ["--model.sampler", "deterministic", *QUICK_EVAL]
+    train(smoke(tmp_path / "big", *common))
+    train(smoke(tmp_path / "accum", *common, "--optim.grad_accum_steps", "2"))
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "accum")
+    assert torch.cat([(a[k] - b[k]).flatten() for k in a]).norm() < 1e-3
+
+
 # ---- several processes ------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
