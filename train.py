@@ -110,6 +110,7 @@ def train(cfg: Config) -> dict:
     # Model, teacher and data pipeline.
     model = create_model(cfg, num_classes=len(classes))
     pruning = hasattr(model, "forward_train")
+    reducing = pruning or cfg.model.method != "dynvit"  # a baseline is distilled from the same teacher
     data_config = resolve_data(model, cfg.data)
     train_set, val_set = build_datasets(cfg.data, cfg.aug, data_config, seed=cfg.train.seed,
                                         train_folder=train_folder, val_folder=val_folder)
@@ -127,7 +128,7 @@ def train(cfg: Config) -> dict:
         model.keep_ratio if pruning else (),
         cls_weight=cfg.loss.cls_weight,
         ratio_weight=cfg.loss.ratio_weight,
-        distill_logits_weight=cfg.loss.distill_logits_weight if pruning else 0.0,
+        distill_logits_weight=cfg.loss.distill_logits_weight if reducing else 0.0,
         distill_tokens_weight=cfg.loss.distill_tokens_weight if pruning else 0.0,
     )
     model.to(accelerator.device)

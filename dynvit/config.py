@@ -37,6 +37,8 @@ class ModelConfig:
     keep_ratio: float | list[float] = 0.7  # r (kept r**(s+1) after stage s) or one cumulative fraction per stage
     sampler: str = "gumbel"  # training-time mask sampler: gumbel, deterministic or soft
     predictor_hidden_ratio: float = 1.0  # predictor width as a multiple of the embedding width
+    method: str = "dynvit"  # token reduction to train: dynvit, or a baseline: evit, tome, random
+    tome_r: int = 0  # tokens ToMe merges in each block (method tome)
 
 
 @dataclass
@@ -136,13 +138,14 @@ class Config:
 
 _CHOICES = {
     "model.sampler": ("gumbel", "deterministic", "soft"),
+    "model.method": ("dynvit", "evit", "tome", "random"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
     "tau.kind": ("constant", "linear", "cosine", "exponential"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
 _POSITIVE = ("data.batch_size", "data.val_batch_size", "optim.lr", "optim.grad_accum_steps", "train.epochs", "train.log_every",
              "train.eval_every_epochs", "tau.tau_start", "tau.tau_end", "train.keep_checkpoints")
-_NON_NEGATIVE = ("data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
+_NON_NEGATIVE = ("model.tome_r", "data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
                  "optim.warmup_epochs", "optim.backbone_freeze_epochs", "train.save_every_steps", "train.stop_after_steps",
                  "train.flops_images", "loss.cls_weight", "loss.ratio_weight", "loss.distill_logits_weight",
                  "loss.distill_tokens_weight")
@@ -295,6 +298,10 @@ def validate(cfg: Config) -> Config:
     bad_modes = [m for m in cfg.train.eval_modes if m not in ("threshold", "topk", "none")]
     if bad_modes:
         raise ConfigError(f"train.eval_modes: {bad_modes} not in ('threshold', 'topk', 'none')")
+    if cfg.model.method == "tome" and cfg.model.tome_r == 0:
+        raise ConfigError("model.method=tome needs model.tome_r > 0 (tokens merged per block)")
+    if cfg.model.method in ("evit", "random") and not cfg.model.prune_loc:
+        raise ConfigError(f"model.method={cfg.model.method} needs model.prune_loc (the blocks where tokens are dropped)")
     if cfg.model.pretrained and cfg.model.pretrained_path:
         raise ConfigError("model.pretrained and model.pretrained_path are exclusive: hub weights or a local file")
     if len(cfg.aug.scale) != 2 or not 0 < cfg.aug.scale[0] <= cfg.aug.scale[1] <= 1:

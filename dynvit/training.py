@@ -29,13 +29,16 @@ LATEST = "latest"
 
 # ---- models -------------------------------------------------------------------------------
 def create_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The student: a dynvit model (``prune_loc`` non-empty) or a plain timm model (dense run)."""
+    """The student: a dynvit model (``prune_loc`` non-empty), a baseline token reduction
+    (``method`` evit, tome or random, patched onto the loaded dense model) or a plain timm
+    model (dense run)."""
+    from .baselines import BASELINES
     from .patch import build_model
 
     m = cfg.model
     kwargs = {**m.kwargs, "num_classes": num_classes, "drop_path_rate": m.drop_path_rate}
     path = weights_file(m.pretrained_path) if m.pretrained_path else None
-    if m.prune_loc:
+    if m.prune_loc and m.method == "dynvit":
         return build_model(m.name, prune_loc=m.prune_loc, keep_ratio=m.keep_ratio, sampler=m.sampler,
                            predictor_hidden_ratio=m.predictor_hidden_ratio, pretrained=m.pretrained,
                            pretrained_path=path, **kwargs)
@@ -43,6 +46,10 @@ def create_model(cfg: Config, num_classes: int) -> nn.Module:
     model.dynvit_meta = {"model_name": m.name, "timm_kwargs": kwargs}
     if path:
         load_weights(model, path)
+    if m.method == "tome":
+        BASELINES["tome"](model, r=m.tome_r)
+    elif m.method != "dynvit":
+        BASELINES[m.method](model, prune_loc=m.prune_loc, keep_ratio=m.keep_ratio)
     return model
 
 

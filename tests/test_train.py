@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import dynvit
 from conftest import CIFAR10, REPO, cifar_dir
-from dynvit.config import load_config
+from dynvit.config import ConfigError, load_config
 from dynvit.data import DataError, SeededImageDataset, build_datasets, build_transform, scan_image_folder
 from dynvit.hub import load_pretrained
 from dynvit.losses import PruningLoss, classification_criterion
@@ -262,3 +262,26 @@ def test_two_cpu_processes_train_what_one_does(tmp_path):
     update = torch.cat([(one[k] - initial[k]).flatten() for k in one]).norm()
     gap = torch.cat([(one[k] - two[k]).flatten() for k in one]).norm()
     assert update > 0.1 and gap < 1e-3 * update, (float(gap), float(update))
+
+
+# ---- baselines through the same loop -------------------------------------------------------------
+@pytest.mark.parametrize("method, extra", [("evit", []), ("tome", ["--model.tome_r", "2"])])
+def test_baselines_fine_tune_through_train_py(tmp_path, method, extra):
+    from train import train
+
+    dense = train(smoke(tmp_path / "dense", "--model.prune_loc", "[]", "--train.epochs", "1"))
+    result = train(smoke(tmp_path / method, "--model.method", method, *extra, "--train.epochs", "1",
+                         "--model.pretrained_path", dense["final_dir"]))
+    records = read_metrics(tmp_path / method)
+    train_rows = [r for r in records if "train/distill_logits" in r]
+    assert train_rows and train_rows[-1]["train/distill_logits"] > 0  # distilled from the dense teacher
+    assert 0 <= result["top1_none"] <= 100
+    # GMACs are those of the reduced model, below the dense run's
+    assert result["gmacs_none"] < dense["gmacs_none"]
+
+
+def test_baseline_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="tome_r"):
+        smoke(tmp_path, "--model.method", "tome")
+    with pytest.raises(ConfigError, match="must be one of"):
+        smoke(tmp_path, "--model.method", "dyvit")
