@@ -40,6 +40,23 @@ def make_timm(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return randomize_(model, seed).eval()
 
 
+def make_decisive_(model: torch.nn.Module, image_size: int = 64, seed: int = 2) -> torch.nn.Module:
+    """Perturb a patched model's predictors so they keep about half the tokens with logits of
+    order 1 (each last bias shifted by the median logit on random probes), so that threshold
+    decisions differ between images."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pred in model.predictors:
+            for p in pred.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.15)
+        probe = torch.randn(8, 3, image_size, image_size, generator=g)
+        n = model.patch_embed.num_patches
+        ones = [torch.ones(8, n)] * len(model.prune_loc)
+        for pred, logits in zip(model.predictors, model.forward_train(probe, masks=ones).keep_logits):
+            pred.out_mlp[-1].bias.sub_(logits.median())
+    return model
+
+
 @pytest.fixture
 def images():
     g = torch.Generator().manual_seed(1)

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import dynvit
-from conftest import randomize_
+from conftest import make_decisive_, randomize_
 from dynvit.export import ExportError, ParityError, export_model, main, verify_export
 from dynvit.hub import load_pretrained, save_pretrained
 
@@ -27,15 +27,7 @@ def small_model() -> torch.nn.Module:
     model = dynvit.build_model("deit_tiny_patch16_224", prune_loc=PRUNE_LOC, keep_ratio=0.6, img_size=64, depth=DEPTH,
                                num_classes=5)
     randomize_(model).eval()
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for pred in model.predictors:
-            for p in pred.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.15)
-        probe = torch.randn(8, 3, 64, 64, generator=g)
-        ones = [torch.ones(8, 16)] * len(PRUNE_LOC)
-        for pred, logits in zip(model.predictors, model.forward_train(probe, masks=ones).keep_logits):
-            pred.out_mlp[-1].bias.sub_(logits.median())
+    make_decisive_(model)
     return model
 
 

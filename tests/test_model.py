@@ -8,7 +8,7 @@ import timm
 import torch
 
 import dynvit
-from conftest import FAMILIES, make_timm
+from conftest import FAMILIES, make_decisive_, make_timm
 
 PRUNE_LOC = (1, 3, 4)
 
@@ -18,15 +18,7 @@ def patched(family: str, keep_ratio=0.6, **kw):
     logits of order 1, so threshold decisions differ between images."""
     dense = make_timm(family)
     model = dynvit.patch(copy.deepcopy(dense), prune_loc=PRUNE_LOC, keep_ratio=keep_ratio, **kw).eval()
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for pred in model.predictors:
-            for p in pred.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.15)
-        probe = torch.randn(8, 3, 64, 64, generator=g)
-        ones = [torch.ones(8, 16)] * len(PRUNE_LOC)
-        for pred, logits in zip(model.predictors, model.forward_train(probe, masks=ones).keep_logits):
-            pred.out_mlp[-1].bias.sub_(logits.median())
+    make_decisive_(model)
     return dense, model
 
 
