@@ -12,6 +12,7 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..attention import check_block
+from ..tokens import num_kept
 
 __all__ = ["check_vit", "swap_class", "embed", "check_forward_args"]
 
@@ -66,6 +67,13 @@ def embed(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     return model.norm_pre(x)
+
+
+def stage_budget(model: VisionTransformer, x: torch.Tensor) -> dict[int, int]:
+    """Patch tokens kept from each block of ``model.prune_loc`` on, from the patch-token count
+    of the embedded sequence ``x`` (dynvit's top-k counts, so methods compare at equal tokens)."""
+    n0 = x.shape[1] - model.num_prefix_tokens
+    return {i: num_kept(r, n0) for i, r in zip(model.prune_loc, model.keep_ratio)}
 
 
 def check_forward_args(attn_mask: torch.Tensor | None, is_causal: bool) -> None:

@@ -26,8 +26,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..attention import attention_forward
 from ..ratios import normalize_keep_ratio, normalize_prune_loc
-from ..tokens import batch_gather, num_kept, topk_indices
-from .common import check_forward_args, check_vit, embed, swap_class
+from ..tokens import batch_gather, topk_indices
+from .common import check_forward_args, check_vit, embed, swap_class, stage_budget
 
 __all__ = ["patch_evit", "fuse_inattentive", "evit_block", "EViTMixin"]
 
@@ -92,8 +92,7 @@ class EViTMixin:
         check_forward_args(attn_mask, is_causal)
         x = embed(self, x)
         p = self.num_prefix_tokens
-        n0 = x.shape[1] - p
-        kept = {i: num_kept(r, n0) for i, r in zip(self.prune_loc, self.keep_ratio)}
+        kept = stage_budget(self, x)
         for i, block in enumerate(self.blocks):
             k = kept.get(i)
             # Shape arithmetic only (ints while tracing), so the control flow traces.

@@ -21,8 +21,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ..ratios import normalize_keep_ratio, normalize_prune_loc
-from ..tokens import batch_gather, num_kept, topk_indices
-from .common import check_forward_args, check_vit, embed, swap_class
+from ..tokens import batch_gather, topk_indices
+from .common import check_forward_args, check_vit, embed, swap_class, stage_budget
 
 __all__ = ["patch_random", "keep_random", "RandomDropMixin"]
 
@@ -70,8 +70,7 @@ class RandomDropMixin:
         check_forward_args(attn_mask, is_causal)
         x = embed(self, x)
         p = self.num_prefix_tokens
-        n0 = x.shape[1] - p
-        kept = {i: num_kept(r, n0) for i, r in zip(self.prune_loc, self.keep_ratio)}
+        kept = stage_budget(self, x)
         generator = None
         if not self.training:
             generator = torch.Generator(device=x.device)
