@@ -58,6 +58,15 @@ def make_decisive_(model: torch.nn.Module, image_size: int = 64, seed: int = 2) 
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread and lose a lot when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def images():
     g = torch.Generator().manual_seed(1)
     return torch.randn(4, 3, 64, 64, generator=g)

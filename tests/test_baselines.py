@@ -37,13 +37,7 @@ REDUCED = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: several threads only contend with each other (and with parallel test runs).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(config: str, img_size: int = 64) -> torch.nn.Module:

@@ -32,13 +32,7 @@ QUICK_EVAL = ["--train.eval_modes", "[topk]", "--train.flops_images", "0"]
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=2, mlp_ratio=2.0, num_classes=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread and lose a lot when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smoke(out, *overrides):
