@@ -130,6 +130,7 @@ def train(cfg: Config) -> dict:
         ratio_weight=cfg.loss.ratio_weight,
         distill_logits_weight=cfg.loss.distill_logits_weight if reducing else 0.0,
         distill_tokens_weight=cfg.loss.distill_tokens_weight if pruning else 0.0,
+        ratio_per=cfg.loss.ratio_per,
     )
     model.to(accelerator.device)
     teacher = create_teacher(model) if criterion.needs_teacher else None  # frozen, never prepared
@@ -154,6 +155,9 @@ def train(cfg: Config) -> dict:
     anneal = cfg.tau.anneal_epochs
     tau_schedule = dynvit.TauSchedule(cfg.tau.kind, cfg.tau.tau_start, cfg.tau.tau_end,
                                       total_steps if anneal is None else round(anneal * steps_per_epoch))
+    anneal = cfg.noise.anneal_epochs
+    noise_schedule = dynvit.NoiseSchedule(cfg.noise.kind, cfg.noise.scale_start, cfg.noise.scale_end,
+                                          total_steps if anneal is None else round(anneal * steps_per_epoch))
 
     training_model, optimizer, train_loader, val_loader = accelerator.prepare(
         training_model, optimizer, train_loader, val_loader)
@@ -187,11 +191,11 @@ def train(cfg: Config) -> dict:
             seed_step(cfg.train.seed, step, micro % accum, accelerator.process_index)
             with accelerator.accumulate(training_model):
                 set_learning_rates(optimizer, scheduler, step, freeze_steps)
-                tau = tau_schedule(step)
+                tau, noise_scale = tau_schedule(step), noise_schedule(step)
                 if mixup is not None:
                     images, target = mixup(images, target)
                 with accelerator.autocast():
-                    out = training_model(images, tau)
+                    out = training_model(images, tau, noise_scale=noise_scale)
                     t_logits = t_tokens = None
                     if teacher is not None:
                         with torch.no_grad():
@@ -216,7 +220,8 @@ def train(cfg: Config) -> dict:
                 ema.update(model, step=step)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 record = _train_record(running, seen_steps * accum, accelerator, optimizer)
-                record.update({"train/tau": tau, "epoch": epoch, "time": round(time.time() - start, 1)})
+                record.update({"train/tau": tau, "train/noise_scale": noise_scale, "epoch": epoch,
+                               "time": round(time.time() - start, 1)})
                 accelerator.log(record, step=step)
                 metrics_file.write({"step": step, **record})
                 bar.set_postfix(loss=f"{record['train/total']:.4f}")

@@ -3,6 +3,7 @@
 Train predictors that decide which patch tokens to keep (binary Gumbel-sigmoid with a
 straight-through estimator), then really drop tokens at inference and count what it saved.
 """
+from .calibrate import calibrate
 from .export import export_model
 from .flops import count_flops
 from .hub import load_pretrained, save_pretrained
@@ -11,13 +12,14 @@ from .model import DynViTMixin, PruningOutput, TrainingModel
 from .patch import build_model, is_patched, patch
 from .predictor import TokenPredictor
 from .ratios import normalize_keep_ratio, normalize_prune_loc
-from .schedule import TauSchedule, tau_at
+from .schedule import NoiseSchedule, TauSchedule, tau_at
 from .weights import WeightMismatchError, load_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "build_model",
+    "calibrate",
     "patch",
     "is_patched",
     "gumbel_sigmoid",
@@ -25,6 +27,7 @@ __all__ = [
     "logistic_noise",
     "tau_at",
     "TauSchedule",
+    "NoiseSchedule",
     "count_flops",
     "export_model",
     "save_pretrained",

@@ -97,8 +97,9 @@ def attention_forward(
     return AttentionOutput(out, probs if need_weights else None, k if need_keys else None)
 
 
-def masked_block(block: Block, x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """One timm ``Block`` whose attention ignores tokens with ``token_mask == 0`` ``(B, N)``."""
-    a = attention_forward(block.attn, block.norm1(x), key_mask=token_mask).out
+def masked_block(block: Block, x: torch.Tensor, token_mask: torch.Tensor, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One timm ``Block`` whose attention ignores tokens with ``token_mask == 0`` ``(B, N)``;
+    ``key_bias`` ``(B, N)`` is added to each key's attention logit (``log(size)`` of merged tokens)."""
+    a = attention_forward(block.attn, block.norm1(x), key_mask=token_mask, key_bias=key_bias).out
     x = x + block.drop_path1(block.ls1(a))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

@@ -37,6 +37,7 @@ class ModelConfig:
     keep_ratio: float | list[float] = 0.7  # r (kept r**(s+1) after stage s) or one cumulative fraction per stage
     sampler: str = "gumbel"  # training-time mask sampler: gumbel, deterministic or soft
     predictor_hidden_ratio: float = 1.0  # predictor width as a multiple of the embedding width
+    dropped_tokens: str = "discard"  # what a stage does with the tokens it drops: discard, or merge into the most similar kept one
     method: str = "dynvit"  # token reduction to train: dynvit, or a baseline: evit, tome, random
     tome_r: int = 0  # tokens ToMe merges in each block (method tome)
 
@@ -79,6 +80,7 @@ class LossConfig:
     ratio_weight: float = 2.0  # squared gap between kept fraction and target, per image, averaged over stages
     distill_logits_weight: float = 0.5  # KL(teacher || student) of the class distributions
     distill_tokens_weight: float = 0.5  # MSE to the teacher's final tokens, on the kept patch tokens
+    ratio_per: str = "image"  # keep-ratio target per image (DynamicViT) or per batch (images keep different counts)
 
 
 @dataclass
@@ -108,6 +110,14 @@ class TauConfig:
 
 
 @dataclass
+class NoiseConfig:
+    kind: str = "constant"  # constant, linear or cosine (see dynvit.schedule.NoiseSchedule)
+    scale_start: float = 1.0  # factor on the sampler's Logistic noise at step 0 (1 = Bernoulli(sigmoid(logit)))
+    scale_end: float = 1.0  # factor at the end of the annealing (0 = threshold mode's decisions)
+    anneal_epochs: float | None = None  # annealing length; None = the whole run
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 30  # passes over the training set
     seed: int = 0  # seed of initialisation, data order, augmentation and sampling
@@ -133,6 +143,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tau: TauConfig = field(default_factory=TauConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -141,6 +152,9 @@ _CHOICES = {
     "model.method": ("dynvit", "evit", "tome", "random"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
     "tau.kind": ("constant", "linear", "cosine", "exponential"),
+    "noise.kind": ("constant", "linear", "cosine"),
+    "model.dropped_tokens": ("discard", "merge"),
+    "loss.ratio_per": ("image", "batch"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
 _POSITIVE = ("data.batch_size", "data.val_batch_size", "optim.lr", "optim.grad_accum_steps", "train.epochs", "train.log_every",
@@ -302,6 +316,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.method=tome needs model.tome_r > 0 (tokens merged per block)")
     if cfg.model.method in ("evit", "random") and not cfg.model.prune_loc:
         raise ConfigError(f"model.method={cfg.model.method} needs model.prune_loc (the blocks where tokens are dropped)")
+    for key in ("scale_start", "scale_end"):
+        if not 0.0 <= getattr(cfg.noise, key) <= 1.0:
+            raise ConfigError(f"noise.{key}: must be in [0, 1], got {getattr(cfg.noise, key)}")
     if cfg.model.pretrained and cfg.model.pretrained_path:
         raise ConfigError("model.pretrained and model.pretrained_path are exclusive: hub weights or a local file")
     if len(cfg.aug.scale) != 2 or not 0 < cfg.aug.scale[0] <= cfg.aug.scale[1] <= 1:

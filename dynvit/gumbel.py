@@ -43,6 +43,7 @@ def gumbel_sigmoid(
     *,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise_scale: float = 1.0,
 ) -> torch.Tensor:
     """Sample a keep mask from Bernoulli(sigmoid(logits)) with a relaxed gradient.
 
@@ -55,16 +56,23 @@ def gumbel_sigmoid(
         noise: optional Logistic(0, 1) noise of the same shape (for reproducible tests);
             drawn fresh when omitted.
         generator: optional random generator for the noise.
+        noise_scale: factor on the noise, in [0, 1]. At 1 the sample is exactly
+            Bernoulli(sigmoid(logits)); at 0 it is the deterministic decision ``logits > 0``
+            (:func:`straight_through_sigmoid`); in between, a sharper Bernoulli,
+            P(keep) = P(logit + scale * noise > 0) = sigmoid(logit / scale).
 
     Returns:
         A tensor of the same shape and dtype as ``logits``.
     """
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
+    if not 0.0 <= noise_scale <= 1.0:
+        raise ValueError(f"noise_scale must be in [0, 1], got {noise_scale}")
     z = logits.float()
-    if noise is None:
-        noise = logistic_noise(z.shape, device=z.device, generator=generator)
-    z = z + noise.float()
+    if noise_scale > 0:
+        if noise is None:
+            noise = logistic_noise(z.shape, device=z.device, generator=generator)
+        z = z + noise_scale * noise.float()
     soft = torch.sigmoid(z / tau)
     if not hard:
         return soft.to(logits.dtype)
@@ -83,13 +91,14 @@ def straight_through_sigmoid(logits: torch.Tensor, tau: float = 1.0) -> torch.Te
     return _straight_through((z > 0).float(), torch.sigmoid(z / tau)).to(logits.dtype)
 
 
-def sample_keep_mask(logits: torch.Tensor, tau: float, sampler: str = "gumbel") -> torch.Tensor:
-    """Training-time keep mask by sampler name: ``gumbel`` (stochastic, hard, straight-through),
-    ``deterministic`` (hard threshold, straight-through) or ``soft`` (relaxed, no hard step)."""
+def sample_keep_mask(logits: torch.Tensor, tau: float, sampler: str = "gumbel", noise_scale: float = 1.0) -> torch.Tensor:
+    """Training-time keep mask by sampler name: ``gumbel`` (stochastic, hard, straight-through;
+    ``noise_scale`` scales its noise), ``deterministic`` (hard threshold, straight-through) or
+    ``soft`` (relaxed, no hard step)."""
     if sampler == "gumbel":
-        return gumbel_sigmoid(logits, tau, hard=True)
+        return gumbel_sigmoid(logits, tau, hard=True, noise_scale=noise_scale)
     if sampler == "deterministic":
         return straight_through_sigmoid(logits, tau)
     if sampler == "soft":
-        return gumbel_sigmoid(logits, tau, hard=False)
+        return gumbel_sigmoid(logits, tau, hard=False, noise_scale=noise_scale)
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")

@@ -49,13 +49,24 @@ def classification_criterion(*, mixup: bool, smoothing: float) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def keep_ratio_loss(keep_masks: Sequence[torch.Tensor], targets: Sequence[float]) -> torch.Tensor:
-    """Mean over stages and images of ``(kept fraction - target) ** 2``. ``keep_masks``: per
-    stage ``(B, N0)`` cumulative masks; ``targets``: cumulative fraction per stage."""
+def keep_ratio_loss(keep_masks: Sequence[torch.Tensor], targets: Sequence[float], per: str = "image") -> torch.Tensor:
+    """Squared gap between kept fraction and target, averaged over stages.
+
+    Args:
+        keep_masks: per stage ``(B, N0)`` cumulative masks.
+        targets: cumulative fraction per stage.
+        per: ``image`` (each image's fraction is pulled to the target, then the gaps are
+            averaged: DynamicViT) or ``batch`` (only the batch's mean fraction is, so images may
+            keep different counts).
+    """
     if len(keep_masks) != len(targets):
         raise ValueError(f"{len(keep_masks)} keep masks for {len(targets)} target ratios")
-    gaps = [((m.float().mean(dim=1) - t) ** 2).mean() for m, t in zip(keep_masks, targets)]
-    return torch.stack(gaps).mean()
+    if per not in ("image", "batch"):
+        raise ValueError(f"per must be 'image' or 'batch', got {per!r}")
+    fractions = [m.float().mean(dim=1) for m in keep_masks]
+    if per == "batch":
+        fractions = [f.mean(dim=0, keepdim=True) for f in fractions]
+    return torch.stack([((f - t) ** 2).mean() for f, t in zip(fractions, targets)]).mean()
 
 
 def distill_logits_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -87,6 +98,7 @@ class PruningLoss(nn.Module):
         keep_ratio: cumulative target fraction per stage (``model.keep_ratio``); empty for a
             dense model (the ratio term is then 0).
         cls_weight, ratio_weight, distill_logits_weight, distill_tokens_weight: term weights.
+        ratio_per: ``image`` or ``batch``, see :func:`keep_ratio_loss`.
     """
 
     def __init__(
@@ -98,8 +110,10 @@ class PruningLoss(nn.Module):
         ratio_weight: float = 2.0,
         distill_logits_weight: float = 0.5,
         distill_tokens_weight: float = 0.5,
+        ratio_per: str = "image",
     ):
         super().__init__()
+        self.ratio_per = ratio_per
         self.criterion = criterion
         self.keep_ratio = tuple(float(r) for r in keep_ratio)
         self.cls_weight = cls_weight
@@ -131,7 +145,7 @@ class PruningLoss(nn.Module):
         """
         zero = output.logits.new_zeros((), dtype=torch.float32)
         cls = self.criterion(output.logits.float(), target)
-        ratio = keep_ratio_loss(output.keep_masks, self.keep_ratio) if self.keep_ratio else zero
+        ratio = keep_ratio_loss(output.keep_masks, self.keep_ratio, self.ratio_per) if self.keep_ratio else zero
         distill_logits = distill_tokens = zero
         if self.distill_logits_weight > 0:
             if teacher_logits is None:

@@ -19,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
-from .ratios import check_prune_mode, normalize_keep_ratio
-from .tokens import batch_gather, num_kept, threshold_indices, topk_indices
+from .merge import merge_gathered, merge_masked, size_bias
+from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio
+from .tokens import batch_gather, keep_at_least_one, num_kept, threshold_indices, topk_indices
 
 __all__ = ["PruningOutput", "DynViTMixin", "TrainingModel"]
 
@@ -35,7 +36,7 @@ class PruningOutput:
 
     logits: torch.Tensor  # (B, num_classes)
     keep_masks: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, N0) cumulative keep mask
-    keep_logits: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, N0) predictor logits (training path)
+    keep_logits: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, N0) predictor logits; -inf where absent (pruned path)
     tokens: torch.Tensor | None = None  # (B, P + N0, C) final normed tokens (training path)
     token_mask: torch.Tensor | None = None  # (B, N0) final cumulative keep mask (training path)
 
@@ -47,8 +48,11 @@ class DynViTMixin:
       (``threshold``, ``topk`` or ``none``), in train mode it runs the masked path at tau 1.
     - adds ``forward_train`` (masked path, :class:`PruningOutput`) and ``forward_pruned``
       (gathering path, :class:`PruningOutput`).
-    - adds ``predictors`` (one :class:`~dynvit.predictor.TokenPredictor` per stage) and the
-      settings ``prune_loc``, ``keep_ratio``, ``prune_mode``, ``sampler``.
+    - adds ``predictors`` (one :class:`~dynvit.predictor.TokenPredictor` per stage), the
+      buffer ``keep_threshold`` (one logit threshold per stage: threshold mode keeps a token
+      where its logit is above it; 0 means keep probability > 0.5, :func:`dynvit.calibrate`
+      sets it for a budget) and the settings ``prune_loc``, ``keep_ratio``, ``prune_mode``,
+      ``sampler``, ``dropped_tokens``.
     """
 
     # ---- settings ---------------------------------------------------------------------
@@ -81,6 +85,18 @@ class DynViTMixin:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {value!r}")
         self._sampler = value
 
+    @property
+    def dropped_tokens(self) -> str:
+        """What happens to a token a stage drops: ``discard`` or ``merge`` (into the kept token
+        most like it, see :mod:`dynvit.merge`)."""
+        return self._dropped_tokens
+
+    @dropped_tokens.setter
+    def dropped_tokens(self, value: str) -> None:
+        if value not in DROPPED_TOKENS:
+            raise ValueError(f"dropped_tokens must be one of {DROPPED_TOKENS}, got {value!r}")
+        self._dropped_tokens = value
+
     def dynvit_config(self) -> dict:
         """The dynvit settings, enough to patch the same timm model again."""
         return {
@@ -89,6 +105,7 @@ class DynViTMixin:
             "prune_mode": self.prune_mode,
             "sampler": self.sampler,
             "predictor_hidden_ratio": self.predictor_hidden_ratio,
+            "dropped_tokens": self.dropped_tokens,
         }
 
     # ---- shared pieces ------------------------------------------------------------------
@@ -118,8 +135,9 @@ class DynViTMixin:
         return self.norm_pre(x)
 
     def _head(self, x: torch.Tensor, patch_weight: torch.Tensor | None) -> torch.Tensor:
-        """Logits from final tokens; ``patch_weight`` ``(B, N)`` excludes dropped or padded
-        patch tokens from average pooling (token pooling reads prefix tokens only)."""
+        """Logits from final tokens; ``patch_weight`` ``(B, N)`` weights patch tokens in average
+        pooling: 0 for dropped or padded ones, the size of merged ones (token pooling reads
+        prefix tokens only)."""
         if patch_weight is None or self.global_pool == "token":
             return self.forward_head(x)
         p = self.num_prefix_tokens
@@ -139,38 +157,65 @@ class DynViTMixin:
         if self.prune_mode == "none":
             self.check_input(x)
             return super().forward(x)
-        return self.forward_pruned(x).logits
+        return self.forward_pruned(x, details=False).logits
 
-    def forward_train(self, x: torch.Tensor, tau: float = 1.0, masks: list[torch.Tensor] | None = None) -> PruningOutput:
+    def forward_train(
+        self,
+        x: torch.Tensor,
+        tau: float = 1.0,
+        masks: list[torch.Tensor] | None = None,
+        noise_scale: float = 1.0,
+    ) -> PruningOutput:
         """Masked path: all tokens are computed, dropped ones are hidden from attention.
+
+        A token is kept where ``logit - keep_threshold + noise_scale * noise > 0`` (Logistic
+        noise): at ``noise_scale=0`` the training masks are exactly threshold mode's decisions.
 
         Args:
             x: images ``(B, C, H, W)``.
             tau: temperature of the mask relaxation (see :mod:`dynvit.schedule`).
             masks: optional fixed per-stage keep masks ``(B, N0)`` (0/1) to use instead of
                 sampling, e.g. to replay the decisions of :meth:`forward_pruned`.
+            noise_scale: factor on the sampler's noise, in [0, 1] (``gumbel`` and ``soft``
+                samplers; see :class:`dynvit.schedule.NoiseSchedule`).
         """
         if masks is not None and len(masks) != len(self.prune_loc):
             raise ValueError(f"got {len(masks)} masks for {len(self.prune_loc)} stages")
         x = self._embed(x)
         p = self.num_prefix_tokens
         stage_of = self._stage_of_block()
+        merge = self.dropped_tokens == "merge"
         mask = None  # (B, N0) cumulative patch keep mask, None before the first stage
+        size = None  # (B, N0) patches each token stands for (merging), None while all are 1
         keep_masks, keep_logits = [], []
         for i, blk in enumerate(self.blocks):
             s = stage_of.get(i)
             if s is not None:
                 logits = self.predictors[s](x[:, p:], mask)
-                decision = sample_keep_mask(logits, tau, self.sampler) if masks is None else masks[s].to(logits.dtype)
+                if masks is None:
+                    decision = sample_keep_mask(logits - self.keep_threshold[s].to(logits.dtype), tau, self.sampler,
+                                                noise_scale)
+                    decision = keep_at_least_one(decision, logits, mask)  # as threshold mode does
+                else:
+                    decision = masks[s].to(logits.dtype)
+                alive = mask
                 mask = decision if mask is None else decision * mask
+                if merge:
+                    ones = torch.ones_like(mask)
+                    patches, size = merge_masked(x[:, p:], ones if size is None else size, ones if alive is None else alive,
+                                                 mask)
+                    x = torch.cat([x[:, :p], patches], dim=1)
                 keep_masks.append(mask)
                 keep_logits.append(logits)
             if mask is None:
                 x = self._run_block(blk, x)
             else:
-                x = self._run_block(masked_block, blk, x, torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1))
+                token_mask = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
+                bias = None if size is None else size_bias(size, p)
+                x = self._run_block(masked_block, blk, x, token_mask, bias)
         x = self.norm(x)
-        return PruningOutput(self._head(x, mask), keep_masks, keep_logits, x, mask)
+        weight = mask if size is None else mask * size
+        return PruningOutput(self._head(x, weight), keep_masks, keep_logits, x, mask)
 
     def _run_block(self, fn, *args):
         # Honour timm's set_grad_checkpointing() in the training path.
@@ -178,13 +223,28 @@ class DynViTMixin:
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward_pruned(self, x: torch.Tensor, mode: str | None = None) -> PruningOutput:
+    def forward_pruned(
+        self,
+        x: torch.Tensor,
+        mode: str | None = None,
+        *,
+        thresholds: torch.Tensor | None = None,
+        details: bool = True,
+    ) -> PruningOutput:
         """Real pruning: kept tokens are gathered and later blocks run on them alone.
 
         ``topk`` keeps ``round(keep_ratio[s] * N0)`` tokens at stage ``s`` for every image.
-        ``threshold`` keeps the tokens whose keep probability is > 0.5 (at least one); a
-        batch is padded to its largest count and the padding is masked out of attention and
-        pooling, so each image gets the logits it would get alone.
+        ``threshold`` keeps the tokens whose logit is above the stage's ``keep_threshold``
+        (at least one); a batch is padded to its largest count and the padding is masked out
+        of attention and pooling, so each image gets the logits it would get alone. With
+        ``dropped_tokens="merge"`` the other tokens are merged into the kept ones.
+
+        Args:
+            x: images ``(B, C, H, W)``.
+            mode: ``threshold``, ``topk`` or ``none``; default ``self.prune_mode``.
+            thresholds: per-stage logit thresholds to use instead of ``keep_threshold``.
+            details: also return the per-stage keep masks and logits (indexed by original
+                patch position); ``forward`` skips them.
         """
         mode = check_prune_mode(mode or self.prune_mode)
         x = self._embed(x)
@@ -193,32 +253,54 @@ class DynViTMixin:
         if mode == "none":
             x = self.norm(self.blocks(x))
             return PruningOutput(self.forward_head(x))
+        thresholds = self.keep_threshold if thresholds is None else thresholds
         stage_of = self._stage_of_block()
+        merge = self.dropped_tokens == "merge"
         position = torch.arange(n0, device=x.device).expand(B, n0)  # original index of each patch token
         valid = None  # (B, N) False for padding; None when there is none
-        keep_masks = []
+        size = None  # (B, N) patches each token stands for (merging)
+        keep_masks, keep_logits = [], []
         for i, blk in enumerate(self.blocks):
             s = stage_of.get(i)
             if s is not None:
                 logits = self.predictors[s](x[:, p:], valid)
+                if details:
+                    shown = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
+                    keep_logits.append(logits.new_full((B, n0), float("-inf")).scatter(1, position, shown))
                 if mode == "topk":
-                    index = topk_indices(logits, min(num_kept(self.keep_ratio[s], n0), logits.shape[1]))
+                    index, index_valid = topk_indices(logits, min(num_kept(self.keep_ratio[s], n0), logits.shape[1])), None
                 else:
-                    index, valid = threshold_indices(logits, valid)
+                    index, index_valid = threshold_indices(logits - thresholds[s].to(logits.dtype), valid)
                     if B == 1:
-                        valid = None  # a single image is never padded
-                x = torch.cat([x[:, :p], batch_gather(x[:, p:], index)], dim=1)
-                position = batch_gather(position, index)
-                kept = torch.zeros(B, n0, dtype=torch.bool, device=x.device)
-                src = torch.ones_like(position, dtype=torch.bool) if valid is None else valid
-                keep_masks.append(kept.scatter(1, position, src))
-            if valid is None:
-                x = blk(x)
-            else:
-                attn_mask = torch.cat([valid.new_ones(B, p), valid], dim=1)[:, None, None, :]
-                x = blk(x, attn_mask=attn_mask)
+                        index_valid = None  # a single image is never padded
+                if merge:
+                    patches, size = merge_gathered(x[:, p:], torch.ones_like(logits) if size is None else size, index,
+                                                   index_valid, valid)
+                else:
+                    patches = batch_gather(x[:, p:], index)
+                x = torch.cat([x[:, :p], patches], dim=1)
+                position, valid = batch_gather(position, index), index_valid
+                if details:
+                    src = torch.ones_like(position, dtype=torch.bool) if valid is None else valid
+                    keep_masks.append(torch.zeros(B, n0, dtype=torch.bool, device=x.device).scatter(1, position, src))
+            x = blk(x) if valid is None and size is None else blk(x, attn_mask=self._attn_mask(valid, size))
         x = self.norm(x)
-        return PruningOutput(self._head(x, valid), keep_masks)
+        if size is None:
+            weight = valid
+        else:
+            weight = size if valid is None else size * valid
+        return PruningOutput(self._head(x, weight), keep_masks, keep_logits)
+
+    def _attn_mask(self, valid: torch.Tensor | None, size: torch.Tensor | None) -> torch.Tensor:
+        """``attn_mask`` for timm's blocks ``(B, 1, 1, P + N)``: a bool mask hiding padding, or
+        with merged tokens an additive ``log(size)`` bias with ``-inf`` on padding."""
+        p = self.num_prefix_tokens
+        if size is None:
+            return torch.cat([valid.new_ones(valid.shape[0], p), valid], dim=1)[:, None, None, :]
+        bias = size_bias(size, p)
+        if valid is not None:
+            bias = bias.masked_fill(~torch.cat([valid.new_ones(valid.shape[0], p), valid], dim=1), float("-inf"))
+        return bias[:, None, None, :]
 
 
 class TrainingModel(nn.Module):
@@ -234,5 +316,7 @@ class TrainingModel(nn.Module):
             raise TypeError("TrainingModel needs a model patched by dynvit.patch or built by dynvit.build_model")
         self.model = model
 
-    def forward(self, x: torch.Tensor, tau: float = 1.0, masks: list[torch.Tensor] | None = None) -> PruningOutput:
-        return self.model.forward_train(x, tau=tau, masks=masks)
+    def forward(
+        self, x: torch.Tensor, tau: float = 1.0, masks: list[torch.Tensor] | None = None, noise_scale: float = 1.0
+    ) -> PruningOutput:
+        return self.model.forward_train(x, tau=tau, masks=masks, noise_scale=noise_scale)

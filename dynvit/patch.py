@@ -5,13 +5,14 @@ import logging
 from collections.abc import Sequence
 
 import timm
+import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .attention import check_block
 from .model import DynViTMixin
 from .predictor import TokenPredictor
-from .ratios import check_prune_mode, normalize_keep_ratio, normalize_prune_loc
+from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio, normalize_prune_loc
 
 __all__ = ["patch", "build_model", "is_patched"]
 
@@ -59,6 +60,7 @@ def patch(
     prune_mode: str = "threshold",
     sampler: str = "gumbel",
     predictor_hidden_ratio: float = 1.0,
+    dropped_tokens: str = "discard",
 ) -> VisionTransformer:
     """Patch a timm VisionTransformer in place so that it learns to drop patch tokens.
 
@@ -74,6 +76,9 @@ def patch(
         prune_mode: eval-mode pruning, ``threshold``, ``topk`` or ``none``.
         sampler: training-time mask sampler, ``gumbel``, ``deterministic`` or ``soft``.
         predictor_hidden_ratio: predictor width as a multiple of the embedding width.
+        dropped_tokens: ``discard`` (DynamicViT) or ``merge``: each dropped token is averaged
+            into the kept token most similar to it, and attention weighs tokens by size
+            (:mod:`dynvit.merge`).
 
     Returns:
         The same model object, now an instance of a dynvit subclass of its class.
@@ -87,6 +92,8 @@ def patch(
     loc = normalize_prune_loc(prune_loc, len(model.blocks))
     ratios = normalize_keep_ratio(keep_ratio, len(loc))
     check_prune_mode(prune_mode)
+    if dropped_tokens not in DROPPED_TOKENS:
+        raise ValueError(f"dropped_tokens must be one of {DROPPED_TOKENS}, got {dropped_tokens!r}")
     ref = next(model.parameters())
     predictors = nn.ModuleList()
     for s in range(len(loc)):
@@ -98,11 +105,15 @@ def patch(
 
     model.__class__ = _patched_class(type(model))
     model.predictors = predictors
+    # Threshold mode keeps a token where its logit is above its stage's threshold; 0 is keep
+    # probability > 0.5, dynvit.calibrate sets a budget. A buffer, so it is saved and exported.
+    model.register_buffer("keep_threshold", torch.zeros(len(loc), device=ref.device))
     model.prune_loc = loc
     model.predictor_hidden_ratio = predictor_hidden_ratio
     model.keep_ratio = ratios
     model.prune_mode = prune_mode
     model.sampler = sampler
+    model.dropped_tokens = dropped_tokens
     _log.info("patched %s: prune_loc=%s keep_ratio=%s", type(model).__name__, loc, tuple(round(r, 4) for r in ratios))
     return model
 
@@ -117,13 +128,15 @@ def build_model(
     prune_mode: str = "threshold",
     sampler: str = "gumbel",
     predictor_hidden_ratio: float = 1.0,
+    dropped_tokens: str = "discard",
     **timm_kwargs,
 ) -> VisionTransformer:
     """Create a timm model by name and patch it.
 
     Args:
         name: timm model name, e.g. ``deit_small_patch16_224``.
-        prune_loc, keep_ratio, prune_mode, sampler, predictor_hidden_ratio: see :func:`patch`.
+        prune_loc, keep_ratio, prune_mode, sampler, predictor_hidden_ratio, dropped_tokens: see
+            :func:`patch`.
         pretrained: load timm's pretrained weights (from the hub; needs network access).
         pretrained_path: load a local weight file instead (timm or dynvit checkpoint,
             ``.pth``/``.pt``/``.bin``/``.safetensors``); the position embedding is resampled
@@ -143,6 +156,7 @@ def build_model(
         prune_mode=prune_mode,
         sampler=sampler,
         predictor_hidden_ratio=predictor_hidden_ratio,
+        dropped_tokens=dropped_tokens,
     )
     model.dynvit_meta = {"model_name": name, "timm_kwargs": dict(timm_kwargs)}
     if pretrained_path:

@@ -4,9 +4,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from numbers import Real
 
-__all__ = ["normalize_keep_ratio", "normalize_prune_loc", "PRUNE_MODES", "check_prune_mode"]
+__all__ = ["normalize_keep_ratio", "normalize_prune_loc", "PRUNE_MODES", "DROPPED_TOKENS", "check_prune_mode"]
 
 PRUNE_MODES = ("threshold", "topk", "none")
+DROPPED_TOKENS = ("discard", "merge")
 
 
 def normalize_prune_loc(prune_loc: Sequence[int] | int, depth: int) -> tuple[int, ...]:

@@ -68,3 +68,25 @@ def threshold_indices(logits: torch.Tensor, valid: torch.Tensor | None = None) -
     index = order[:, :k]
     index_valid = torch.arange(k, device=logits.device).unsqueeze(0) < count.unsqueeze(1)
     return index, index_valid
+
+
+def keep_at_least_one(decision: torch.Tensor, logits: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """The training-side twin of :func:`threshold_indices`'s rule: a row whose cumulative
+    decision keeps no token keeps its most likely alive token.
+
+    Args:
+        decision: ``(B, N)`` 0/1 keep decisions of this stage (may carry a straight-through gradient).
+        logits: ``(B, N)`` the logits behind them.
+        alive: optional ``(B, N)`` 0/1 mask of the tokens still present before this stage.
+
+    Returns:
+        ``decision`` with 1 added at the chosen token of empty rows (a constant: the gradient
+        of ``decision`` is unchanged).
+    """
+    with torch.no_grad():  # no branch on `empty`: that would synchronise with the device
+        kept = decision if alive is None else decision * alive
+        empty = kept.sum(dim=1, keepdim=True) == 0
+        scores = logits.float() if alive is None else logits.float().masked_fill(alive <= 0, float("-inf"))
+        best = torch.zeros_like(decision).scatter(1, scores.argmax(dim=1, keepdim=True), 1.0)
+        fix = best * empty * (1 - decision)
+    return decision + fix

@@ -40,7 +40,8 @@ def create_model(cfg: Config, num_classes: int) -> nn.Module:
     path = weights_file(m.pretrained_path) if m.pretrained_path else None
     if m.prune_loc and m.method == "dynvit":
         return build_model(m.name, prune_loc=m.prune_loc, keep_ratio=m.keep_ratio, sampler=m.sampler,
-                           predictor_hidden_ratio=m.predictor_hidden_ratio, pretrained=m.pretrained,
+                           predictor_hidden_ratio=m.predictor_hidden_ratio, dropped_tokens=m.dropped_tokens,
+                           pretrained=m.pretrained,
                            pretrained_path=path, **kwargs)
     model = timm.create_model(m.name, pretrained=m.pretrained, **kwargs)
     model.dynvit_meta = {"model_name": m.name, "timm_kwargs": kwargs}
@@ -66,13 +67,14 @@ def create_teacher(student: nn.Module) -> nn.Module:
 
 class DenseTrainingModel(nn.Module):
     """The dense counterpart of :class:`dynvit.TrainingModel`: ``forward(x, tau)`` returns a
-    :class:`dynvit.PruningOutput` with logits and final tokens, no masks (tau is ignored)."""
+    :class:`dynvit.PruningOutput` with logits and final tokens, no masks (tau and
+    noise_scale are ignored)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, tau: float = 1.0) -> PruningOutput:
+    def forward(self, x: torch.Tensor, tau: float = 1.0, noise_scale: float = 1.0) -> PruningOutput:
         tokens = self.model.forward_features(x)
         return PruningOutput(self.model.forward_head(tokens), tokens=tokens)
 

@@ -13,7 +13,7 @@ __all__ = ["load_weights", "WeightMismatchError"]
 
 _log = logging.getLogger(__name__)
 _HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
-_OPTIONAL_PREFIXES = ("predictors.",)  # a dense checkpoint has no predictors: they start fresh
+_OPTIONAL_PREFIXES = ("predictors.", "keep_threshold")  # a dense checkpoint has no predictors: they start fresh
 
 
 class WeightMismatchError(ValueError):

@@ -90,6 +90,26 @@ def test_onnx_threshold_matches_pytorch_for_different_kept_counts(model, inputs,
     assert model.prune_mode == "threshold" and model.keep_ratio == (0.6, 0.36), "export changed the model's settings"
 
 
+@pytest.mark.parametrize("dropped", ["discard", "merge"])
+def test_onnx_threshold_uses_calibrated_thresholds(model, inputs, tmp_path, dropped):
+    """The thresholds dynvit.calibrate sets are buffers: the exported graph applies them."""
+    tuned = copy.deepcopy(model)
+    tuned.dropped_tokens = dropped
+    dynvit.calibrate(tuned, torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(7)), keep_ratio=0.4)
+    result = export_model(tuned, tmp_path / "calibrated.onnx", mode="threshold", inputs=inputs[:4])
+    fewer = 0
+    with torch.no_grad():
+        for i in range(len(inputs)):
+            x = inputs[i : i + 1]
+            out = tuned.forward_pruned(x, "threshold")
+            torch.testing.assert_close(onnx_logits(str(result.path), x), out.logits, atol=1e-4, rtol=0)
+            kept = [int(m.sum()) for m in out.keep_masks]
+            assert qkv_token_counts(result.path, x, tuned.embed_dim)[3] == tuned.num_prefix_tokens + kept[1]
+            before = [int(m.sum()) for m in model.forward_pruned(x, "threshold").keep_masks]
+            fewer += kept[1] < before[1]
+    assert fewer > 0, "the calibrated budget (0.16 of the tokens after stage 2) should prune more than p > 0.5"
+
+
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
 def test_onnx_graph_runs_fewer_tokens_after_each_stage(model, inputs, onnx_exports, mode):
     p = model.num_prefix_tokens

@@ -84,3 +84,29 @@ def test_bad_tau_is_rejected():
         gumbel_sigmoid(torch.zeros(3), tau=0.0)
     with pytest.raises(ValueError, match="sampler"):
         sample_keep_mask(torch.zeros(3), 1.0, "bernoulli")
+
+
+@pytest.mark.parametrize("sampler", ["gumbel", "soft"])
+def test_noise_scale_zero_is_the_deterministic_sampler_exactly(sampler):
+    logits = torch.randn(4096, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    for tau in (0.2, 1.0):
+        a = sample_keep_mask(logits, tau, sampler, noise_scale=0.0)
+        (grad_a,) = torch.autograd.grad(a.sum(), logits)
+        b = straight_through_sigmoid(logits, tau) if sampler == "gumbel" else torch.sigmoid(logits / tau)
+        (grad_b,) = torch.autograd.grad(b.sum(), logits)
+        assert torch.equal(a, b) and torch.equal(grad_a, grad_b)
+
+
+def test_intermediate_noise_scale_sharpens_the_bernoulli():
+    """logit + s * Logistic > 0 has probability sigmoid(logit / s): between the sample (s = 1)
+    and the threshold decision (s = 0)."""
+    g = torch.Generator().manual_seed(0)
+    logits = LOGITS.expand(SAMPLES, -1)
+    freq = gumbel_sigmoid(logits, 1.0, hard=True, generator=g, noise_scale=0.5).mean(0)
+    p = torch.sigmoid(LOGITS / 0.5)
+    assert ((freq - p).abs() <= 5 * torch.sqrt(p * (1 - p) / SAMPLES) + 1e-9).all()
+
+
+def test_bad_noise_scale_is_rejected():
+    with pytest.raises(ValueError, match="noise_scale"):
+        gumbel_sigmoid(torch.zeros(3), noise_scale=1.5)

@@ -23,8 +23,9 @@ def patched(family: str, keep_ratio=0.6, **kw):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_parity_with_timm_at_keep_ratio_one(family, images):
-    dense, model = patched(family, keep_ratio=1.0, prune_mode="none")
+@pytest.mark.parametrize("dropped", ["discard", "merge"])
+def test_parity_with_timm_at_keep_ratio_one(family, dropped, images):
+    dense, model = patched(family, keep_ratio=1.0, prune_mode="none", dropped_tokens=dropped)
     with torch.no_grad():
         expected = dense(images)
         torch.testing.assert_close(model(images), expected, atol=1e-5, rtol=0)
@@ -37,8 +38,9 @@ def test_parity_with_timm_at_keep_ratio_one(family, images):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
-def test_masked_path_equals_pruned_path(family, mode, images):
-    _, model = patched(family)
+@pytest.mark.parametrize("dropped", ["discard", "merge"])
+def test_masked_path_equals_pruned_path(family, mode, dropped, images):
+    _, model = patched(family, dropped_tokens=dropped)
     with torch.no_grad():
         pruned = model.forward_pruned(images, mode)
         masks = [m.float() for m in pruned.keep_masks]
@@ -51,8 +53,9 @@ def test_masked_path_equals_pruned_path(family, mode, images):
 
 
 @pytest.mark.parametrize("family", ["deit_tiny", "registers", "avg_pool"])
-def test_threshold_batch_equals_single_images(family, images):
-    _, model = patched(family)
+@pytest.mark.parametrize("dropped", ["discard", "merge"])
+def test_threshold_batch_equals_single_images(family, dropped, images):
+    _, model = patched(family, dropped_tokens=dropped)
     with torch.no_grad():
         batch = model.forward_pruned(images, "threshold")
         counts = torch.stack([m.sum(1) for m in batch.keep_masks])  # (stages, B)
@@ -75,8 +78,9 @@ def test_threshold_keeps_probability_above_half_and_at_least_one(images):
 
 
 @pytest.mark.parametrize("family", ["deit_distilled", "registers", "deit3_layerscale"])
-def test_every_parameter_gets_a_gradient(family, images):
-    _, model = patched(family)
+@pytest.mark.parametrize("dropped", ["discard", "merge"])
+def test_every_parameter_gets_a_gradient(family, dropped, images):
+    _, model = patched(family, dropped_tokens=dropped)
     model.train()
     out = dynvit.TrainingModel(model)(images, tau=0.5)
     loss = out.logits.logsumexp(-1).mean() + sum(m.mean() for m in out.keep_masks) + out.tokens.pow(2).mean()
@@ -98,11 +102,12 @@ def test_train_mode_forward_returns_logits(images):
     assert model.eval()(images).shape == (4, 7)
 
 
-def test_state_dict_keys_are_timms_plus_predictors():
+def test_state_dict_keys_are_timms_plus_predictors_and_thresholds():
     dense, model = patched("deit_tiny")
     extra = set(model.state_dict()) - set(dense.state_dict())
     assert set(dense.state_dict()) <= set(model.state_dict())
-    assert extra and all(k.startswith("predictors.") for k in extra)
+    assert "keep_threshold" in extra and model.keep_threshold.shape == (len(PRUNE_LOC),)
+    assert all(k.startswith("predictors.") for k in extra - {"keep_threshold"})
 
 
 def test_patching_twice_is_an_error():
@@ -122,6 +127,7 @@ def test_patching_twice_is_an_error():
         ({"prune_loc": (1, 6)}, "out of range"),
         ({"prune_mode": "fast"}, "prune_mode"),
         ({"sampler": "bernoulli"}, "sampler"),
+        ({"dropped_tokens": "fuse"}, "dropped_tokens"),
     ],
 )
 def test_bad_options_are_rejected(kwargs, match):
@@ -177,3 +183,56 @@ def test_grad_checkpointing_gives_the_same_gradients(images):
         model.forward_train(images, masks=masks).logits.sum().backward()
         grads.append(model.blocks[4].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_merging_keeps_every_patch_accounted_for(images):
+    """Merged tokens carry the patches they absorbed: sizes sum to the patch count, and a
+    merged token is the size-weighted mean of what went into it."""
+    from dynvit.merge import merge_gathered, merge_masked
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 8, generator=g)
+    keep = (torch.rand(3, 16, generator=g) > 0.6).float()
+    keep[:, 0] = 1.0
+    merged, size = merge_masked(x, torch.ones(3, 16), torch.ones(3, 16), keep)
+    torch.testing.assert_close((size * keep).sum(1), torch.full((3,), 16.0))
+    dead = keep == 0
+    torch.testing.assert_close(merged[dead], x[dead])  # dropped tokens are left as they were (and are dead)
+    # the gathering form gives the kept tokens the same features and sizes
+    index = torch.stack([row.nonzero().squeeze(1)[:4] for row in keep])  # four kept tokens per image
+    keep4 = torch.zeros(3, 16).scatter(1, index, 1.0)
+    m_masked, s_masked = merge_masked(x, torch.ones(3, 16), torch.ones(3, 16), keep4)
+    m_gathered, s_gathered = merge_gathered(x, torch.ones(3, 16), index)
+    torch.testing.assert_close(m_gathered, batch_gather_rows(m_masked, index))
+    torch.testing.assert_close(s_gathered, torch.gather(s_masked, 1, index))
+    assert (s_gathered.sum(1) == 16).all()
+
+
+def batch_gather_rows(x, index):
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def test_merging_gives_the_keep_decisions_a_gradient(images):
+    """With merging, a dropped token still changes the output through the token it joins, so the
+    decision to drop it gets a gradient even from a fixed (replayed) mask."""
+    _, model = patched("deit_tiny", dropped_tokens="merge")
+    model.train()
+    with torch.no_grad():
+        masks = [m.float() for m in model.eval().forward_pruned(images, "topk").keep_masks]
+    model.train()
+    masks = [m.requires_grad_() for m in masks]
+    model.forward_train(images, masks=masks).logits.logsumexp(-1).sum().backward()
+    assert masks[0].grad is not None and masks[0].grad[masks[0] == 0].abs().sum() > 0
+
+
+def test_noise_scale_zero_trains_on_threshold_decisions(images):
+    """At noise scale 0 the training masks are threshold mode's decisions, also with a
+    non-zero threshold."""
+    _, model = patched("deit_tiny")
+    model.keep_threshold.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    with torch.no_grad():
+        pruned = model.eval().forward_pruned(images, "threshold")
+        trained = model.train().forward_train(images, tau=0.3, noise_scale=0.0)
+    for a, b in zip(pruned.keep_masks, trained.keep_masks):
+        assert torch.equal(a.float(), b)
+    torch.testing.assert_close(trained.logits, model.forward_train(images, masks=[m.float() for m in pruned.keep_masks]).logits)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from dynvit import TauSchedule, tau_at
+from dynvit import NoiseSchedule, TauSchedule, tau_at
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "exponential"])
@@ -31,3 +31,19 @@ def test_bad_arguments():
         TauSchedule("step", 1.0, 0.1, 10)
     with pytest.raises(ValueError, match="> 0"):
         tau_at(0, 10, 0.0, 1.0, "linear")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_noise_schedule_anneals_to_zero_and_stays(kind):
+    sched = NoiseSchedule(kind, 1.0, 0.0, 100)
+    scales = [sched(s) for s in range(0, 150)]
+    assert scales[0] == 1.0 and scales[100] == 0.0 and scales[149] == 0.0
+    assert all(b <= a for a, b in zip(scales, scales[1:]))
+    assert NoiseSchedule()(10**6) == 1.0  # the default samples Bernoulli(sigmoid(logit)) throughout
+
+
+def test_bad_noise_schedules():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        NoiseSchedule("linear", 1.5, 0.0, 10)
+    with pytest.raises(ValueError, match="exponential"):
+        NoiseSchedule("exponential", 1.0, 0.0, 10)

@@ -134,9 +134,11 @@ def test_a_run_writes_config_metrics_checkpoints_and_model(tmp_path):
     assert model.dynvit_meta["classes"] == sorted(os.listdir(CIFAR10 / "train"))
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights_and_tau(tmp_path):
+def test_killed_and_resumed_run_ends_with_the_same_weights_tau_and_noise_scale(tmp_path):
     common = ["--aug.mixup", "0.8", "--aug.smoothing", "0.1", "--model.drop_path_rate", "0.1",
-              "--tau.kind", "linear", "--tau.tau_end", "0.2", "--train.log_every", "1", "--data.num_workers", "1", *QUICK_EVAL]
+              "--tau.kind", "linear", "--tau.tau_end", "0.2", "--noise.kind", "cosine", "--noise.scale_end", "0",
+              "--noise.anneal_epochs", "1.5", "--model.dropped_tokens", "merge",
+              "--train.log_every", "1", "--data.num_workers", "1", *QUICK_EVAL]
     train(smoke(tmp_path / "whole", *common))
     stopped = train(smoke(tmp_path / "cut", *common, "--train.stop_after_steps", "3"))  # mid-epoch (4 steps each)
     assert stopped["step"] == 3 and "final_dir" not in stopped
@@ -151,6 +153,9 @@ def test_killed_and_resumed_run_ends_with_the_same_weights_and_tau(tmp_path):
     drop_time = lambda records: [{k: v for k, v in r.items() if k != "time"} for r in records]  # noqa: E731
     assert drop_time(after_resume) == drop_time(same_steps)  # losses, tau and learning rates, step by step
     assert after_resume[-1]["train/tau"] == pytest.approx(0.2 + 0.8 / 8)
+    # The resume lands in the middle of the noise annealing (6 steps of 8) and continues it.
+    scales = [r["train/noise_scale"] for r in after_resume]
+    assert 0 < scales[0] < 1 and scales[-1] == 0.0 and scales == sorted(scales, reverse=True)
 
 
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
