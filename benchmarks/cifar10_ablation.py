@@ -1,0 +1,169 @@
+"""The ablation table of docs/BENCHMARKS.md: pruning fine-tunes of the CIFAR-10 teacher that differ
+in one choice each, at the same budget, measured the same way.
+
+    python benchmarks/cifar10_ablation.py --variants dynamicvit,noise_anneal [--epochs 1] [--keep-ratio 0.55]
+    python benchmarks/cifar10_ablation.py --list            # the variants and what each changes
+
+Every variant starts from the same dense model (``--teacher``, default the shared CIFAR-10 ViT),
+fine-tunes with ``configs/cifar10_dynvit.yaml`` plus its own overrides for ``--epochs`` epochs,
+and is measured on the test split in three ways:
+
+- ``topk``: a fixed ``round(r * 64)`` tokens per stage (the budget),
+- ``threshold``: the thresholds the training left (logit > 0, keep probability > 0.5): the
+  kept fraction per stage shows whether training converged to the decisions inference makes,
+- ``calibrated``: thresholds set by ``dynvit.calibrate`` on ``--calib-images`` training images
+  for the same budget as top-k, so threshold and top-k compare at equal mean GMACs.
+
+A run whose ``final/`` exists is not retrained; an interrupted one resumes. Results are
+appended to ``--json`` (one row per variant and mode) and printed as a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import dynvit  # noqa: E402
+from dynvit import benchmark as bench  # noqa: E402
+from dynvit.data import SeededImageDataset, balanced_subset, build_transform, scan_image_folder  # noqa: E402
+from dynvit.hub import load_pretrained  # noqa: E402
+
+# name -> (what it changes, train.py overrides; "{E}" is replaced by a fraction of the epochs)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "dynamicvit": ("DynamicViT: Bernoulli masks throughout (noise 1, tau 1), ratio per image", []),
+    "deterministic": ("deterministic straight-through masks throughout (noise 0)", ["--model.sampler", "deterministic"]),
+    "noise_anneal": ("noise scale 1 -> 0 (linear) over the first 70% of the steps, then threshold decisions",
+                     ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}"]),
+    "noise_tau_anneal": ("noise_anneal + tau 1 -> 0.1 (exponential) over the run",
+                         ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}",
+                          "--tau.kind", "exponential", "--tau.tau_end", "0.1"]),
+    "noise_anneal_batch_ratio": ("noise_anneal, keep-ratio loss on the batch mean (images keep different counts)",
+                                 ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}",
+                                  "--loss.ratio_per", "batch"]),
+    "merge": ("noise_anneal + dropped tokens merged into the most similar kept token",
+              ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}",
+               "--model.dropped_tokens", "merge"]),
+    "merge_batch_ratio": ("merge + keep-ratio loss on the batch mean",
+                          ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}",
+                           "--model.dropped_tokens", "merge", "--loss.ratio_per", "batch"]),
+}
+
+
+def _overrides(variant: str, epochs: float) -> list[str]:
+    out = []
+    for item in VARIANTS[variant][1]:
+        if item.startswith("{") and item.endswith("}"):
+            item = str(round(float(item[1:-1]) * epochs, 4))
+        out.append(item)
+    return out
+
+
+def _images(folder, data_config, indices) -> SeededImageDataset:
+    return SeededImageDataset(folder, build_transform(data_config, is_training=False), indices=indices)
+
+
+def measure(model, loader, calib: torch.Tensor, flops_images: torch.Tensor, keep_ratio: float) -> list[dict]:
+    """Rows for top-k, threshold as trained and calibrated threshold at ``keep_ratio``."""
+    input_size = tuple(flops_images.shape[1:])
+    n0 = model.patch_embed.num_patches
+    rows = []
+    for mode in ("topk", "threshold", "calibrated"):
+        if mode == "calibrated":
+            dynvit.calibrate(model, calib, keep_ratio=keep_ratio)
+        else:
+            model.keep_ratio = keep_ratio
+        model.prune_mode = "topk" if mode == "topk" else "threshold"
+        result = bench.evaluate(model, loader)
+        kept = [result["tokens_per_block"][b] / n0 for b in model.prune_loc]
+        gmacs = dynvit.count_flops(model, input_size, images=flops_images)
+        rows.append({"mode": mode, "top1": result["top1"], "top5": result["top5"], "images": result["images"],
+                     "kept_fraction": kept, "target": list(model.keep_ratio), "gmacs": gmacs,
+                     "thresholds": model.keep_threshold.tolist()})
+        model.keep_threshold.zero_()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default="dynamicvit,noise_anneal", help="comma-separated names (see --list)")
+    p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--teacher", default=str(REPO.parent / "shared" / "checkpoints" / "cifar10_vit_dense"))
+    p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs, the same for every variant")
+    p.add_argument("--keep-ratio", type=float, default=0.55, help="r: cumulative r, r**2 before blocks 2 and 4")
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--eval-images", type=int, default=0, help="test images measured (class-balanced; 0 = all)")
+    p.add_argument("--calib-images", type=int, default=2000, help="training images the calibration uses")
+    p.add_argument("--json", default="benchmarks/results/cifar10_ablation.json")
+    args, rest = p.parse_known_args(argv)
+    extra = [a for a in rest if a != "--"]
+    if args.list:
+        for name, (what, overrides) in VARIANTS.items():
+            print(f"{name:28s} {what}\n{'':28s} {' '.join(overrides) or '(the preset as it is)'}")
+        return
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; see --list")
+    epochs = int(args.epochs) if float(args.epochs).is_integer() else args.epochs
+    steps_note = f"{epochs} epoch(s)"
+    rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
+    for name in names:
+        out = REPO / args.out / f"{name}_r{args.keep_ratio}_e{args.epochs}"
+        final = out / "final"
+        if not (final / "config.json").is_file():
+            cmd = [sys.executable, "train.py", "--config", "configs/cifar10_dynvit.yaml", "--data.path", args.data,
+                   "--model.pretrained_path", args.teacher, "--model.keep_ratio", str(args.keep_ratio),
+                   "--train.epochs", str(epochs), "--train.output_dir", str(out), "--train.resume", "auto",
+                   "--train.eval_modes", "[topk]", "--train.flops_images", "0", "--train.progress_bar", "false",
+                   *_overrides(name, float(args.epochs)), *extra]
+            print("+ " + " ".join(cmd), flush=True)
+            t0 = time.time()
+            subprocess.run(cmd, cwd=REPO, check=True)
+            print(f"= trained {name} in {time.time() - t0:.0f} s", flush=True)
+        model = load_pretrained(final)
+        data_config = dict(model.pretrained_cfg)
+        test = scan_image_folder(Path(args.data) / "test", what="test")
+        train = scan_image_folder(Path(args.data) / "train", what="training")
+        test_set = _images(test, data_config, bench_indices(test.targets, args.eval_images))
+        loader = torch.utils.data.DataLoader(test_set, batch_size=250, num_workers=1)
+        loader = [(x, y) for x, y in loader]  # decoded once, measured three times
+        calib_set = _images(train, data_config, balanced_subset(train.targets, args.calib_images, seed=1))
+        calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))])
+        flops_images = torch.cat([x for x, _ in loader])[:64]
+        config = json.loads((final / "config.json").read_text())["dynvit"]
+        for row in measure(model, loader, calib, flops_images, args.keep_ratio):
+            row.update(variant=name, what=VARIANTS[name][0], budget=steps_note, dropped_tokens=config.get("dropped_tokens"),
+                       keep_ratio=args.keep_ratio, checkpoint=str(final))
+            rows = [r for r in rows if not (r["variant"] == name and r["mode"] == row["mode"]
+                                            and r["keep_ratio"] == row["keep_ratio"] and r["budget"] == row["budget"])]
+            rows.append(row)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+def bench_indices(targets, n: int):
+    return balanced_subset(targets, n, seed=0) if n else None
+
+
+def table(rows: list[dict]) -> str:
+    head = ["variant", "budget", "mode", "kept fraction (target)", "GMACs", "top-1"]
+    body = []
+    for r in rows:
+        kept = " / ".join(f"{k:.3f}" for k in r["kept_fraction"])
+        target = " / ".join(f"{t:.3f}" for t in r["target"])
+        body.append([r["variant"], r["budget"], r["mode"], f"{kept} ({target})", f"{r['gmacs']:.4f}", f"{r['top1']:.2f}"])
+    return bench.markdown_table(head, body)
+
+
+if __name__ == "__main__":
+    main()
