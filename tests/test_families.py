@@ -93,7 +93,7 @@ def test_masked_path_equals_pruned_path(family):
             torch.testing.assert_close(masked.logits, pruned.logits, atol=1e-5, rtol=1e-5, msg=f"{mode}, {dropped}")
 
 
-@pytest.mark.parametrize("family", ["rope", "rope_mixed", "dinov3", "pe_map", "siglip_map", "parallel_scaling", "hybrid"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_threshold_batch_equals_single_images(family):
     _, model = models(family)
     x = images(family)
@@ -139,7 +139,7 @@ def test_kept_tokens_carry_their_rotary_angles():
                     assert torch.equal(gathered[b, 0, k], rope[position[b, k]])
 
 
-@pytest.mark.parametrize("family", ["rope", "pe_map", "parallel_scaling", "hybrid"])
+@pytest.mark.parametrize("family", ["rope", "rope_mixed", "pe_map", "siglip_map", "parallel_scaling", "hybrid"])
 def test_gmacs_fall_with_the_keep_ratio(family):
     _, model = models(family)
     size = FAMILIES[family][2]
@@ -152,7 +152,7 @@ def test_gmacs_fall_with_the_keep_ratio(family):
     assert dynvit.count_flops(model, images=images(family), mode="threshold") < dense
 
 
-@pytest.mark.parametrize("family", ["rope_mixed", "dinov3", "pe_map", "siglip_map", "hybrid"])
+@pytest.mark.parametrize("family", ["rope", "rope_mixed", "dinov3", "pe_map", "siglip_map", "parallel_scaling", "hybrid"])
 def test_save_load_round_trip(family, tmp_path):
     name, _, size = FAMILIES[family]
     model = dynvit.build_model(name, prune_loc=PRUNE_LOC, keep_ratio=0.6, dropped_tokens="merge", **timm_kwargs(family))
@@ -226,3 +226,24 @@ def test_onnx_export_of_a_rope_vit_matches_pytorch(rope_exports, mode):
     # The graph really runs the kept tokens: blocks 0..3, stages before blocks 1 and 3.
     k1, k2 = (int(m.sum()) for m in model.forward_pruned(x[:1], mode).keep_masks)
     assert qkv_token_counts(path, x[:1], model.embed_dim) == [17, 1 + k1, 1 + k1, 1 + k2]
+
+
+def test_masked_softmax_is_the_softmax_over_kept_keys():
+    from dynvit.families.masked import masked_softmax
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 5, 5, generator=g)
+    mask = torch.tensor([[1.0, 0, 1, 1, 0], [0, 1, 1, 0, 1]])
+    probs = masked_softmax(scores, mask)
+    kept = mask.bool()[:, None, None, :]
+    for b in range(2):
+        for i in range(5):
+            allowed = kept[b, 0, 0].clone()
+            allowed[i] = True  # a token always attends to itself
+            expected = torch.zeros(3, 5)
+            expected[:, allowed] = scores[b, :, i, allowed].softmax(-1)
+            torch.testing.assert_close(probs[b, :, i], expected)
+    # A latent query (attention pooling) with token sizes as weights: softmax(s + log w).
+    sizes = torch.tensor([[2.0, 0, 1, 3, 0], [1, 1, 4, 0, 1]])
+    pooled = masked_softmax(scores[:, :, :1], sizes, self_attention=False)
+    torch.testing.assert_close(pooled, (scores[:, :, :1] + sizes.log()[:, None, None, :]).softmax(-1))

@@ -33,7 +33,9 @@ def check_attention_pool(pool: nn.Module | None, global_pool: str) -> None:
             "timm.layers.AttentionPoolLatent (global_pool='map')"
         )
     if global_pool != "map" and pool is not None:
-        raise NotImplementedError(f"global_pool={global_pool!r} with an attention pool ({type(pool).__qualname__}) is not supported")
+        raise NotImplementedError(
+            f"global_pool={global_pool!r} with an attention pool ({type(pool).__qualname__}) is not supported"
+        )
     if pool is not None and pool.pos_embed is not None:
         raise NotImplementedError("attention pooling with its own position embedding (pos_embed='abs') is not supported")
 
