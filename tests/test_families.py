@@ -24,7 +24,7 @@ FAMILIES = {
     "rope_reg_gap": ("vit_betwixt_patch16_rope_reg4_gap_256", {}, 64),  # EvaAttention, registers, avg pool
     "eva02": ("eva02_tiny_patch14_224", {}, 56),  # SwiGLU with norm, q/v bias, no k bias
     "dinov3": ("vit_small_patch16_dinov3", {}, 64),  # DINOv3 RoPE, registers, LayerScale
-    "sapiens2_gqa": ("vit_base_patch16_sapiens2", {"num_kv_heads": (2, 1, 1, 2)}, 64),  # grouped-query, q/k-norm
+    "sapiens2_gqa": ("vit_base_patch16_sapiens2", {"num_heads": 4, "num_kv_heads": (4, 2, 2, 4)}, 64),  # grouped-query
     "eva_post_norm": ("eva02_enormous_patch14_clip_224", {"use_rot_pos_emb": True}, 56),  # EvaBlockPostNorm
     "pe_map": ("vit_pe_core_tiny_patch16_384", {}, 64),  # Eva with attention pooling over all tokens
     "siglip_map": ("vit_base_patch16_siglip_224", {}, 64),  # ViT attention pooling
