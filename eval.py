@@ -85,7 +85,7 @@ def data_config(model) -> dict:
     config = dict(timm.data.resolve_model_data_config(model))
     pe = model.patch_embed
     if pe.img_size is not None and not getattr(model, "dynamic_img_size", False):
-        config["input_size"] = (pe.proj.in_channels, *pe.img_size)
+        config["input_size"] = (model.in_chans, *pe.img_size)
     return config
 
 

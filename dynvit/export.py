@@ -79,7 +79,7 @@ class SpeedResult:
 # ---- inputs and settings ------------------------------------------------------------------
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
     pe = model.patch_embed
-    return (pe.proj.in_channels, *pe.img_size)
+    return (model.in_chans, *pe.img_size)  # the image's channels (a hybrid stem's projection reads its CNN's)
 
 
 def random_images(model: nn.Module, num: int = 4, seed: int = 0) -> torch.Tensor:

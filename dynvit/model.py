@@ -1,4 +1,4 @@
-"""The pruning forward passes that :func:`dynvit.patch` grafts onto a timm VisionTransformer.
+"""The pruning forward passes that :func:`dynvit.patch` grafts onto a timm ViT.
 
 :class:`DynViTMixin` is placed in front of the model's own class (ToMe style), so every timm
 method and the pretrained weights keep working; only ``forward`` changes, and the two extra
@@ -8,6 +8,11 @@ passes have their own names:
   sample keep masks, a dropped token stays dropped, and the mask gates attention.
 * :meth:`DynViTMixin.forward_pruned`: the real pruning path. Kept tokens are gathered and
   the later blocks run on them alone.
+
+Both passes are written once for every supported timm family. What differs between families
+goes through a few methods (the *family seam*, below) that :class:`DynViTMixin` implements for
+``VisionTransformer`` and a family mixin overrides (:class:`dynvit.families.eva.EvaMixin` for
+timm's ``Eva``: RoPE ViTs, EVA-02, Perception Encoder, DINOv3).
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import masked_block
+from .families.pool import weighted_pool
+from .families.vit import vit_masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
 from .merge import merge_gathered, merge_masked, size_bias
 from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio
@@ -114,7 +120,7 @@ class DynViTMixin:
         if x.dim() != 4:
             raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
         pe = self.patch_embed
-        in_chans = pe.proj.in_channels
+        in_chans = self.in_chans  # the image's channels (a hybrid stem's projection reads its CNN's)
         if x.shape[1] != in_chans:
             raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
         h, w = x.shape[-2:]
@@ -123,31 +129,53 @@ class DynViTMixin:
                 f"input size {h}x{w} does not match the model's {pe.img_size[0]}x{pe.img_size[1]}; resize the images, "
                 f"or build the model with img_size=({h}, {w}) (position embeddings are resampled) or dynamic_img_size=True"
             )
-        ph, pw = pe.patch_size
+        # A hybrid embedding's patches are taken from its CNN's feature map (stride feature_ratio).
+        ratio = getattr(pe, "feature_ratio", (1, 1))
+        ph, pw = pe.patch_size[0] * ratio[0], pe.patch_size[1] * ratio[1]
         if not getattr(pe, "dynamic_img_pad", False) and (h % ph or w % pw):
             raise ValueError(f"input size {h}x{w} is not divisible by the patch size {ph}x{pw}; resize or pad the images")
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        return self.norm_pre(x)
-
     def _head(self, x: torch.Tensor, patch_weight: torch.Tensor | None) -> torch.Tensor:
         """Logits from final tokens; ``patch_weight`` ``(B, N)`` weights patch tokens in average
-        pooling: 0 for dropped or padded ones, the size of merged ones (token pooling reads
-        prefix tokens only)."""
+        and attention pooling: 0 for dropped or padded ones, the size of merged ones (token
+        pooling reads prefix tokens only)."""
         if patch_weight is None or self.global_pool == "token":
             return self.forward_head(x)
-        p = self.num_prefix_tokens
-        prefix_w = float(self.pool_include_prefix)
-        w = torch.cat([patch_weight.new_full((x.shape[0], p), prefix_w), patch_weight.to(x.dtype)], dim=1).unsqueeze(-1)
-        pooled = (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-6)
+        pooled = weighted_pool(x, patch_weight, self.num_prefix_tokens, include_prefix=self._pool_includes_prefix(),
+                               attn_pool=self.attn_pool)
         return self.head(self.head_drop(self.fc_norm(pooled)))
 
     def _stage_of_block(self) -> dict[int, int]:
         return {b: s for s, b in enumerate(self.prune_loc)}
+
+    # ---- family seam: VisionTransformer here, other families override ------------------------
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens ``(B, P + N0, C)`` and the rotary embedding of the ``N0`` patch tokens, in the
+        layout the family's blocks take (None: a ViT adds its position embedding once here)."""
+        self.check_input(x)
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x), None
+
+    def _gather_rope(self, rope: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The rotary embedding of the kept tokens, per image: ``position`` ``(B, K)`` holds
+        their original patch indices. Called only when :meth:`_embed` returned one."""
+        raise NotImplementedError(f"{type(self).__name__} has no rotary position embedding to gather")
+
+    def _call_block(self, index: int, block: nn.Module, x: torch.Tensor, rope, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Block ``index`` as timm calls it (pruned path); ``attn_mask`` ``(B, 1, 1, N)`` hides
+        padding or adds ``log(size)``."""
+        return block(x) if attn_mask is None else block(x, attn_mask=attn_mask)
+
+    def _masked_block(self, index: int, block: nn.Module, x: torch.Tensor, rope, token_mask: torch.Tensor,
+                      key_bias: torch.Tensor | None) -> torch.Tensor:
+        """Block ``index`` with the keep mask ``token_mask`` ``(B, N)`` in its softmax (masked path)."""
+        return vit_masked_block(block, x, token_mask, key_bias)
+
+    def _pool_includes_prefix(self) -> bool:
+        """Whether average or attention pooling reads the prefix tokens."""
+        return self.pool_include_prefix
 
     # ---- passes -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +209,7 @@ class DynViTMixin:
         """
         if masks is not None and len(masks) != len(self.prune_loc):
             raise ValueError(f"got {len(masks)} masks for {len(self.prune_loc)} stages")
-        x = self._embed(x)
+        x, rope = self._embed(x)
         p = self.num_prefix_tokens
         stage_of = self._stage_of_block()
         merge = self.dropped_tokens == "merge"
@@ -208,11 +236,11 @@ class DynViTMixin:
                 keep_masks.append(mask)
                 keep_logits.append(logits)
             if mask is None:
-                x = self._run_block(blk, x)
+                x = self._run_block(self._call_block, i, blk, x, rope, None)
             else:
                 token_mask = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
                 bias = None if size is None else size_bias(size, p)
-                x = self._run_block(masked_block, blk, x, token_mask, bias)
+                x = self._run_block(self._masked_block, i, blk, x, rope, token_mask, bias)
         x = self.norm(x)
         weight = mask if size is None else mask * size
         return PruningOutput(self._head(x, weight), keep_masks, keep_logits, x, mask)
@@ -247,12 +275,14 @@ class DynViTMixin:
                 patch position); ``forward`` skips them.
         """
         mode = check_prune_mode(mode or self.prune_mode)
-        x = self._embed(x)
+        x, rope = self._embed(x)
         B, p = x.shape[0], self.num_prefix_tokens
         n0 = x.shape[1] - p
         if mode == "none":
-            x = self.norm(self.blocks(x))
-            return PruningOutput(self.forward_head(x))
+            for i, blk in enumerate(self.blocks):
+                x = self._call_block(i, blk, x, rope, None)
+            return PruningOutput(self.forward_head(self.norm(x)))
+        full_rope = rope  # rotary embedding of every patch token, gathered anew at each stage
         thresholds = self.keep_threshold if thresholds is None else thresholds
         stage_of = self._stage_of_block()
         merge = self.dropped_tokens == "merge"
@@ -280,10 +310,12 @@ class DynViTMixin:
                     patches = batch_gather(x[:, p:], index)
                 x = torch.cat([x[:, :p], patches], dim=1)
                 position, valid = batch_gather(position, index), index_valid
+                if full_rope is not None:
+                    rope = self._gather_rope(full_rope, position)  # kept tokens keep their angles
                 if details:
                     src = torch.ones_like(position, dtype=torch.bool) if valid is None else valid
                     keep_masks.append(torch.zeros(B, n0, dtype=torch.bool, device=x.device).scatter(1, position, src))
-            x = blk(x) if valid is None and size is None else blk(x, attn_mask=self._attn_mask(valid, size))
+            x = self._call_block(i, blk, x, rope, None if valid is None and size is None else self._attn_mask(valid, size))
         x = self.norm(x)
         if size is None:
             weight = valid

@@ -1,4 +1,10 @@
-"""Turn a timm VisionTransformer into a token-pruning one, in place."""
+"""Turn a timm ViT into a token-pruning one, in place.
+
+Each supported timm model class belongs to a *family*: the mixin that implements the pruning
+passes for it (:class:`dynvit.model.DynViTMixin` for ``VisionTransformer``,
+:class:`dynvit.families.eva.EvaMixin` for ``Eva``) and the check that refuses, by name, what
+that mixin does not reproduce. The family is chosen once, here.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,10 +12,12 @@ from collections.abc import Sequence
 
 import timm
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .attention import check_block
+from .families.eva import EvaMixin, check_eva
+from .families.vit import check_vit
 from .model import DynViTMixin
 from .predictor import TokenPredictor
 from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio, normalize_prune_loc
@@ -18,42 +26,39 @@ __all__ = ["patch", "build_model", "is_patched"]
 
 _log = logging.getLogger(__name__)
 _PATCHED_CLASSES: dict[type, type] = {}
+# (timm class, mixin, check); subclasses of a timm class belong to its family.
+_FAMILIES = (
+    (VisionTransformer, DynViTMixin, check_vit),
+    (Eva, EvaMixin, check_eva),
+)
 
 
 def is_patched(model: nn.Module) -> bool:
     return isinstance(model, DynViTMixin)
 
 
-def _patched_class(cls: type) -> type:
+def _patched_class(cls: type, mixin: type) -> type:
     if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"DynViT{cls.__name__}", (DynViTMixin, cls), {"__module__": cls.__module__})
+        _PATCHED_CLASSES[cls] = type(f"DynViT{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
     return _PATCHED_CLASSES[cls]
 
 
-def _check_supported(model: nn.Module) -> None:
+def _family(model: nn.Module) -> type:
+    """The mixin for ``model``, after its family's check has accepted it."""
     if is_patched(model):
         raise RuntimeError("this model is already patched by dynvit; patch the original timm model once")
-    if not isinstance(model, VisionTransformer):
-        raise NotImplementedError(
-            f"dynvit patches timm's VisionTransformer family (ViT, DeiT, DeiT-III, registers); got {type(model).__qualname__}"
-        )
-    if model.global_pool not in ("token", "avg"):
-        raise NotImplementedError(
-            f"global_pool={model.global_pool!r} is not supported; use 'token' or 'avg' (attention pooling and "
-            "unpooled outputs would need the dropped tokens)"
-        )
-    if model.attn_pool is not None:
-        raise NotImplementedError("attention pooling (global_pool='map') is not supported")
-    if not isinstance(model.patch_drop, nn.Identity):
-        raise NotImplementedError("patch_drop_rate > 0 (PatchDropout) is not supported: it drops tokens on its own; set it to 0")
-    if model.num_prefix_tokens and model.cls_token is None and model.reg_token is None and not hasattr(model, "dist_token"):
-        raise NotImplementedError("unknown prefix tokens")
-    for i, blk in enumerate(model.blocks):
-        check_block(blk, i)
+    for cls, mixin, check in _FAMILIES:
+        if isinstance(model, cls):
+            check(model)
+            return mixin
+    raise NotImplementedError(
+        f"dynvit patches timm's VisionTransformer (ViT, DeiT, DeiT-III, registers, SigLIP, hybrids) and Eva (RoPE ViTs, "
+        f"EVA-02, Perception Encoder, DINOv3) families; got {type(model).__qualname__}"
+    )
 
 
 def patch(
-    model: VisionTransformer,
+    model: nn.Module,
     *,
     prune_loc: Sequence[int] | int = (3, 6, 9),
     keep_ratio: float | Sequence[float] = 0.7,
@@ -61,7 +66,7 @@ def patch(
     sampler: str = "gumbel",
     predictor_hidden_ratio: float = 1.0,
     dropped_tokens: str = "discard",
-) -> VisionTransformer:
+) -> nn.Module:
     """Patch a timm VisionTransformer in place so that it learns to drop patch tokens.
 
     State-dict keys stay timm's, plus ``predictors.{stage}.*``. The model keeps its mode,
@@ -69,7 +74,8 @@ def patch(
 
     Args:
         model: a timm ``VisionTransformer`` (DeiT, distilled DeiT, ViT, registers, LayerScale,
-            q/k-norm; any image or patch size; any depth).
+            q/k-norm, attention pooling, parallel blocks, hybrid CNN stems; any image or patch
+            size; any depth) or ``Eva`` (RoPE ViTs, EVA-02, Perception Encoder, DINOv3).
         prune_loc: block indices before which tokens are pruned (strictly increasing).
         keep_ratio: a float ``r`` (kept fraction after stage ``s`` is ``r ** (s + 1)``) or one
             cumulative fraction per stage (non-increasing), all in (0, 1].
@@ -88,7 +94,7 @@ def patch(
         NotImplementedError: for a model or part the pruning paths do not handle.
         ValueError: for bad ``prune_loc``, ``keep_ratio``, ``prune_mode`` or ``sampler``.
     """
-    _check_supported(model)
+    mixin = _family(model)
     loc = normalize_prune_loc(prune_loc, len(model.blocks))
     ratios = normalize_keep_ratio(keep_ratio, len(loc))
     check_prune_mode(prune_mode)
@@ -103,7 +109,7 @@ def patch(
         )
     predictors.to(device=ref.device, dtype=ref.dtype).train(model.training)
 
-    model.__class__ = _patched_class(type(model))
+    model.__class__ = _patched_class(type(model), mixin)
     model.predictors = predictors
     # Threshold mode keeps a token where its logit is above its stage's threshold; 0 is keep
     # probability > 0.5, dynvit.calibrate sets a budget. A buffer, so it is saved and exported.
@@ -130,7 +136,7 @@ def build_model(
     predictor_hidden_ratio: float = 1.0,
     dropped_tokens: str = "discard",
     **timm_kwargs,
-) -> VisionTransformer:
+) -> nn.Module:
     """Create a timm model by name and patch it.
 
     Args:

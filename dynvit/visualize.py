@@ -102,7 +102,9 @@ def keep_mask_grid(
         raise ValueError("prune mode 'none' keeps every token: nothing to show; use mode='threshold' or 'topk'")
     data_cfg = timm.data.resolve_model_data_config(model)
     pixels = unnormalize(images.float().cpu(), mean or data_cfg["mean"], std or data_cfg["std"])
-    panels = masked_panels(pixels, [m.cpu() for m in out.keep_masks], model.patch_embed.patch_size)
+    pe = model.patch_embed  # a hybrid stem's patches are taken from its CNN's feature map (stride feature_ratio)
+    patch = [p * r for p, r in zip(pe.patch_size, getattr(pe, "feature_ratio", (1, 1)))]
+    panels = masked_panels(pixels, [m.cpu() for m in out.keep_masks], patch)
     preds = out.logits.argmax(-1).tolist()
     n, per_image = panels.shape[0], panels.shape[1]
     num_patches = out.keep_masks[0].shape[1]

@@ -5,8 +5,7 @@ import logging
 import os
 
 import torch
-from timm.models import load_state_dict
-from timm.models.vision_transformer import checkpoint_filter_fn
+from timm.models import eva, load_state_dict, vision_transformer
 from torch import nn
 
 __all__ = ["load_weights", "WeightMismatchError"]
@@ -54,7 +53,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, use_ema: bool = T
         raise FileNotFoundError(f"weight file {path!r} not found; pass the path of a .pth/.safetensors checkpoint")
     state_dict = load_state_dict(path, use_ema=use_ema)
     state_dict = _strip_wrapper_prefix(state_dict, model)
-    state_dict = checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
+    if isinstance(model, eva.Eva):  # Eva's own key names and conversions (EVA, PE, DINOv3 checkpoints)
+        state_dict = eva.checkpoint_filter_fn(state_dict, model)
+    else:
+        state_dict = vision_transformer.checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True)
     own = model.state_dict()
 
     for key in _HEAD_KEYS:

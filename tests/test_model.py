@@ -137,11 +137,16 @@ def test_bad_options_are_rejected(kwargs, match):
 
 
 def test_unsupported_models_are_refused():
-    with pytest.raises(NotImplementedError, match="global_pool"):
-        dynvit.patch(timm.create_model("vit_tiny_patch16_224", global_pool="map", img_size=64, depth=4), prune_loc=(1,))
-    with pytest.raises(NotImplementedError, match="Block"):
-        dynvit.patch(timm.create_model("vit_small_patch16_18x2_224", img_size=64), prune_loc=(1,))
-    with pytest.raises(NotImplementedError, match="VisionTransformer"):
+    small = dict(img_size=64, depth=4, embed_dim=64, num_heads=2)
+    with pytest.raises(NotImplementedError, match="global_pool='max'"):
+        dynvit.patch(timm.create_model("vit_tiny_patch16_224", global_pool="max", **small), prune_loc=(1,))
+    with pytest.raises(NotImplementedError, match=r"blocks\[1\] is .*Block with Identity"):
+        model = timm.create_model("vit_tiny_patch16_224", **small)
+        model.blocks[1].attn = torch.nn.Identity()
+        dynvit.patch(model, prune_loc=(1,))
+    with pytest.raises(NotImplementedError, match="got VisionTransformerRelPos"):
+        dynvit.patch(timm.create_model("vit_relpos_small_patch16_224", **small), prune_loc=(1,))
+    with pytest.raises(NotImplementedError, match="got ResNet"):
         dynvit.patch(timm.create_model("resnet18"), prune_loc=(1,))
 
 
