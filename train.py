@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dynvit
+from dynvit.benchmark import evaluate_modes, kept_token_stats
 from dynvit.config import Config, ConfigError, load_config, save_config, to_dict
 from dynvit.data import DataError, build_datasets, resolve_data, scan_image_folder
 from dynvit.losses import PruningLoss, classification_criterion
-from dynvit.training import (DenseTrainingModel, MetricsFile, TrainState, create_model, create_teacher, evaluate,
-                             find_checkpoint, param_groups, save_checkpoint, seed_step, set_learning_rates)
+from dynvit.training import (DenseTrainingModel, MetricsFile, TrainState, create_model, create_teacher, find_checkpoint,
+                             param_groups, save_checkpoint, seed_step, set_learning_rates)
 
 logger = logging.getLogger("train")
 
@@ -60,11 +61,23 @@ def _train_record(running: dict, count: int, accelerator, optimizer) -> dict:
     return record
 
 
+def _accuracy(model, loader, accelerator, modes: list[str]) -> dict:
+    """Top-1 and top-5 per pruning mode (a model without predictors: the dense path only) and,
+    in the first mode, the kept tokens per stage: mean, 5th and 95th percentile per image."""
+    results = evaluate_modes(model, loader, modes if dynvit.is_patched(model) else ["none"], accelerator=accelerator)
+    metrics = {f"{k}_{mode}": getattr(r, k) for mode, r in results.items() for k in ("top1", "top5")}
+    first, result = next(iter(results.items()))
+    for s, stats in enumerate(kept_token_stats(result.kept_tokens)):
+        name = f"kept_tokens_{first}_stage{s}"
+        metrics.update({name: stats["mean"], f"{name}_p5": stats["p5"], f"{name}_p95": stats["p95"]})
+    return metrics
+
+
 def _validate(model, ema, loader, accelerator, cfg: Config, flop_images, input_size) -> dict:
-    """Top-1 per pruning mode, kept tokens per stage, EMA top-1 and (main process) GMACs."""
-    metrics = evaluate(model, loader, accelerator, cfg.train.eval_modes)
+    """Accuracy per pruning mode, kept tokens per stage, EMA accuracy and (main process) GMACs."""
+    metrics = _accuracy(model, loader, accelerator, cfg.train.eval_modes)
     if ema is not None:
-        ema_metrics = evaluate(ema.module, loader, accelerator, cfg.train.eval_modes[:1])
+        ema_metrics = _accuracy(ema.module, loader, accelerator, cfg.train.eval_modes[:1])
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
     if accelerator.is_main_process and flop_images is not None:
         metrics.update(_gmacs(model, flop_images, cfg.train.eval_modes, input_size))
