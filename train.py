@@ -22,13 +22,12 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dynvit
 from dynvit.benchmark import evaluate_modes, kept_token_stats
 from dynvit.config import Config, ConfigError, load_config, save_config, to_dict
-from dynvit.data import DataError, build_datasets, resolve_data, scan_image_folder
+from dynvit.data import DataError, build_datasets, data_loader, resolve_data, scan_image_folder
 from dynvit.losses import PruningLoss, classification_criterion
 from dynvit.training import (DenseTrainingModel, MetricsFile, TrainState, create_model, create_teacher, find_checkpoint,
                              param_groups, save_checkpoint, seed_step, set_learning_rates)
@@ -125,11 +124,10 @@ def train(cfg: Config) -> dict:
     pruning = hasattr(model, "forward_train")
     reducing = pruning or cfg.model.method != "dynvit"  # a baseline is distilled from the same teacher
     data_config = resolve_data(model, cfg.data)
-    train_set, val_set = build_datasets(cfg.data, cfg.aug, data_config, seed=cfg.train.seed,
-                                        train_folder=train_folder, val_folder=val_folder)
-    train_loader = DataLoader(train_set, batch_size=micro_batch, shuffle=True, drop_last=True,
-                              num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
-    val_loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
+    train_set, val_set = build_datasets(cfg.data, cfg.aug, data_config, seed=cfg.train.seed, train_folder=train_folder,
+                                        val_folder=val_folder, device=accelerator.device)  # data.cache: memory -> on device
+    train_loader = data_loader(train_set, micro_batch, train=True, num_workers=cfg.data.num_workers)
+    val_loader = data_loader(val_set, cfg.data.val_batch_size, train=False, num_workers=cfg.data.num_workers)
     mixup_on = cfg.aug.mixup_prob > 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
     if mixup_on and micro_batch % 2:
         raise ConfigError(f"mixup needs an even batch per process, got {micro_batch}")
