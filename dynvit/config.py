@@ -315,6 +315,9 @@ def validate(cfg: Config) -> Config:
         fix = " and ".join(f"aug.{k}: null" for k in per_image)
         raise ConfigError(f"{given}: works on single PIL images, not on the tensor batches of data.cache: memory; "
                           f"set {fix}, or data.cache: none")
+    if cfg.data.cache == "memory" and cfg.data.interpolation not in (None, "bilinear", "bicubic", "nearest"):
+        raise ConfigError(f"data.interpolation={cfg.data.interpolation!r}: data.cache: memory resamples with "
+                          "bilinear, bicubic or nearest")
     return cfg
 
 

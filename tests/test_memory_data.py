@@ -184,6 +184,8 @@ def test_per_image_options_and_bad_folders_are_named(tmp_path, monkeypatch):
         load_config(base, ["--data.cache", "memory", "--aug.auto_augment", "rand-m9-mstd0.5-inc1"])
     with pytest.raises(ConfigError, match=r"aug.color_jitter=0.4.*set aug.color_jitter: null, or data.cache: none"):
         load_config(base, ["--data.cache", "memory", "--aug.color_jitter", "0.4"])
+    with pytest.raises(ConfigError, match=r"data.interpolation='lanczos'.*bilinear, bicubic or nearest"):
+        load_config(base, ["--data.cache", "memory", "--data.interpolation", "lanczos"])
     with pytest.raises(ConfigError, match=r"data.cache: must be one of \('none', 'memory'\)"):
         load_config(base, ["--data.cache", "ram"])
     cfg = load_config(base, ["--data.cache", "memory", "--data.path", str(tmp_path / "missing")])
