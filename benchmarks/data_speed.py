@@ -11,9 +11,10 @@ between the end of step ``warmup`` and the end of the last step, read from the r
 ``metrics.jsonl`` (so decoding, model building and the first steps are left out). The memory
 runs share a decoded-split cache (``--cache-dir``): the first decodes, the others load.
 
-Every run also records the share of the CPUs other processes took while it ran
-(:class:`dynvit.benchmark.OtherCpuUse`; the finished ``train.py`` and its data-loader
-workers count as this script's own), and the 1-minute load average before it started.
+Over the timed steps, each run also records the CPU time ``train.py`` and its data-loader
+workers spent per image (less sensitive to other load than images/s) and the share of the
+CPUs other processes took (:class:`dynvit.benchmark.OtherCpuUse`); the table reports the
+largest share seen. ``-- --data.num_workers 4`` passes overrides on to every run.
 """
 from __future__ import annotations
 
@@ -41,25 +42,64 @@ RECIPES = {
 CACHES = ("none", "memory")
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by a running process and its descendants (live ones, and those
+    that ended and were waited for: data-loader workers, for instance)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, float]] = {}  # pid -> (parent, own + waited-for children's CPU seconds)
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        procs[int(entry)] = (int(fields[1]), sum(int(v) for v in fields[11:15]) / hz)  # utime stime cutime cstime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += procs.get(p, (0, 0.0))[1]
+        todo += [child for child, (parent, _) in procs.items() if parent == p]
+    return total
+
+
+def _last_step(metrics: Path) -> int:
+    try:
+        lines = metrics.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else -1
+    except (OSError, ValueError, KeyError):  # not there yet, or a line being written
+        return -1
+
+
 def run_once(config: str, extra: list[str], cache: str, args, out: Path) -> dict:
-    """One ``train.py`` run; its images/s over the timed steps and the machine's load meanwhile."""
+    """One ``train.py`` run: images/s over the timed steps, the CPU time the run (its workers
+    included) spent per image meanwhile, and the share of the CPUs other processes took."""
     cmd = [sys.executable, "train.py", "--config", config, *extra, "--data.cache", cache,
            "--train.output_dir", str(out), "--train.stop_after_steps", str(args.warmup + args.steps),
            "--train.log_every", "1", "--train.trackers", "[]", "--train.progress_bar", "false",
            "--train.flops_images", "0", "--data.cache_dir", str(args.cache_dir), *args.train_args]
     load = os.getloadavg()[0]
-    start = time.perf_counter()
-    with bench.OtherCpuUse() as other:
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise SystemExit(f"train.py failed ({' '.join(map(shlex.quote, cmd))}):\n{done.stderr[-3000:]}")
+    out.mkdir(parents=True)
+    with open(out / "stderr.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        window, state = bench.OtherCpuUse(own=lambda: tree_cpu(proc.pid)), "waiting"
+        while proc.poll() is None:  # the timed steps, marked by their lines in metrics.jsonl
+            step = _last_step(out / "metrics.jsonl")
+            if state == "waiting" and step >= args.warmup:
+                window.start()
+                state = "timing"
+            if state == "timing" and step >= args.warmup + args.steps:
+                window.stop()
+                state = "done"
+            time.sleep(0.05)
+    if proc.returncode or state != "done":
+        raise SystemExit(f"train.py failed ({' '.join(map(shlex.quote, cmd))}):\n{(out / 'stderr.txt').read_text()[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = {r["step"]: r["time"] for r in records if "train/total" in r}
     batch = int(yaml.safe_load((out / "config.yaml").read_text())["data"]["batch_size"])  # global, per step
-    seconds = times[args.warmup + args.steps] - times[args.warmup]
-    return {"images_per_s": batch * args.steps / seconds, "timed_seconds": seconds, "wall_seconds": round(wall, 1),
-            "other_cpu_share": other.share, "steal_share": other.steal, "load_average_before": round(load, 2)}
+    seconds, images = times[args.warmup + args.steps] - times[args.warmup], batch * args.steps
+    return {"images_per_s": images / seconds, "timed_seconds": seconds,
+            "cpu_ms_per_image": 1000 * window.own_seconds / images, "other_cpu_share": window.share,
+            "steal_share": window.steal, "load_average_before": round(load, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,17 +123,21 @@ def main(argv: list[str] | None = None) -> None:
                     out = Path(tmp) / f"{name.split()[0]}_{cache}_{r}"
                     result = run_once(config, extra_args, cache, args, out)
                     runs[name][cache].append(result)
-                    print(f"{name}, cache {cache}: {result['images_per_s']:.0f} images/s, other processes "
+                    print(f"{name}, cache {cache}: {result['images_per_s']:.0f} images/s, "
+                          f"{result['cpu_ms_per_image']:.1f} CPU-ms per image, other processes "
                           f"{100 * (result['other_cpu_share'] or 0):.0f}% of the CPUs", file=sys.stderr, flush=True)
     command = "python benchmarks/data_speed.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     machine = bench.machine_info()
     header = ["recipe", "images/s, cache none", "images/s, cache memory", "memory / none",
-              "CPU taken by others (none / memory runs)"]
+              "CPU-ms per image, none / memory", "CPU taken by others, none / memory runs"]
     lines = []
     for name, by_cache in runs.items():
-        ips = {c: statistics.median(r["images_per_s"] for r in by_cache[c]) for c in CACHES}
+        med = {c: {k: statistics.median(r[k] for r in by_cache[c]) for k in ("images_per_s", "cpu_ms_per_image")}
+               for c in CACHES}
         other = {c: max(r["other_cpu_share"] or 0.0 for r in by_cache[c]) for c in CACHES}
+        ips = {c: med[c]["images_per_s"] for c in CACHES}
         lines.append([name, f"{ips['none']:.0f}", f"{ips['memory']:.0f}", f"{ips['memory'] / ips['none']:.2f}x",
+                      f"{med['none']['cpu_ms_per_image']:.1f} / {med['memory']['cpu_ms_per_image']:.1f}",
                       f"{100 * other['none']:.0f}% / {100 * other['memory']:.0f}%"])
     print(f"<!-- {command} -->\n{machine['processor']}, {os.cpu_count()} CPUs, torch {machine['torch']}; "
           f"{args.steps} timed steps after {args.warmup}, median of {args.repeats} run(s)\n")

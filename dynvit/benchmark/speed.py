@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import timm
 import torch
@@ -48,15 +48,25 @@ def _cpu_name() -> str:
 
 class OtherCpuUse:
     """Context manager: the share of the CPUs that *other* processes (and the hypervisor's
-    steal) took while the block ran, from ``/proc/stat`` minus this process's own CPU time.
-    Child processes that ended and were waited for inside the block (a ``subprocess.run``,
-    data-loader workers that were shut down) count as this process's own.
+    steal) took while the block ran, from ``/proc/stat`` minus our own CPU time.
+
+    Our own time is, by default, this process's and that of its child processes that ended
+    and were waited for inside the block (a ``subprocess.run``, data-loader workers that were
+    shut down); ``own`` replaces it, e.g. by the CPU time of a running process tree. Without
+    a ``with`` block, :meth:`start` and :meth:`stop` mark the interval.
 
     A timing is trustworthy when ``share`` is near 0; ``None`` where ``/proc/stat`` is missing.
+
+    Args:
+        own: CPU seconds (a running total) that count as ours.
     """
 
     share: float | None = None
     steal: float | None = None
+    own_seconds: float | None = None  # our own CPU time in the interval
+
+    def __init__(self, own: Callable[[], float] | None = None):
+        self._own = own or self._this_process
 
     @staticmethod
     def _read() -> tuple[float, float] | None:
@@ -71,22 +81,29 @@ class OtherCpuUse:
         return (sum(fields[:8]) - idle - steal) / hz, steal / hz
 
     @staticmethod
-    def _own() -> float:
+    def _this_process() -> float:
         t = os.times()
         return t.user + t.system + t.children_user + t.children_system
 
-    def __enter__(self):
+    def start(self) -> OtherCpuUse:
         self._start = (self._read(), self._own(), time.perf_counter())
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         end, own, wall = self._read(), self._own(), time.perf_counter()
+        self.own_seconds = own - self._start[1]
         if self._start[0] is None or end is None:
             return
         capacity = (wall - self._start[2]) * (os.cpu_count() or 1)
-        others = (end[0] - self._start[0][0]) - (own - self._start[1])
+        others = (end[0] - self._start[0][0]) - self.own_seconds
         self.share = max(0.0, others) / capacity
         self.steal = (end[1] - self._start[0][1]) / capacity
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 def tile(images: torch.Tensor, n: int) -> torch.Tensor:
