@@ -119,6 +119,13 @@ def test_measure_speed_reports_medians():
             assert s["other_cpu_share"] is None or 0.0 <= s["other_cpu_share"] <= 1.05
     info = bench.machine_info()
     assert info["threads"] == torch.get_num_threads() and info["device"] == "cpu"
+    with bench.OtherCpuUse() as ours:
+        sum(i * i for i in range(300_000))
+    assert ours.own_seconds > 0
+    nobody = bench.OtherCpuUse(own=lambda: 0.0).start()
+    sum(i * i for i in range(300_000))
+    nobody.stop()
+    assert nobody.own_seconds == 0.0 and (nobody.share is None or nobody.share > 0)  # our work counted as others'
 
 
 def test_evaluate_counts_what_each_image_keeps():
