@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import PIL
 import torch
 import torchvision
@@ -42,7 +41,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from .batch_aug import RESAMPLE_MODES, crop_flip, normalize, sample_crops
 from .config import ConfigError
-from .data import DataError
+from .data import DataError, _sample_seed
 
 __all__ = ["DecodedSplit", "decode_split", "TrainAugment", "MemoryImageDataset", "memory_datasets"]
 
@@ -192,10 +191,6 @@ def decode_split(folder, indices: Sequence[int] | None, *, size: Sequence[int], 
 
 
 # ---- batches ----------------------------------------------------------------------------------
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
 class MemoryImageDataset(Dataset):
     """A decoded split on ``device`` that makes whole batches: ``__getitems__(indices)``
     returns ``(images, targets)`` on the device, augmented when ``augment`` is set.
@@ -239,7 +234,7 @@ class MemoryImageDataset(Dataset):
     def crops(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This epoch's crop boxes and flips of every image (a function of seed and epoch)."""
         if self._crops is None or self._crops[0] != self.epoch:
-            generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, 1))
+            generator = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, 1))
             boxes, flips = sample_crops(len(self), self.augment.scale, hflip=self.augment.hflip, aspect=self.aspect,
                                         generator=generator)
             self._crops = (self.epoch, boxes.to(self.device), flips.to(self.device))
@@ -259,7 +254,7 @@ class MemoryImageDataset(Dataset):
     def _erase(self, images: torch.Tensor, first: int) -> None:
         """timm's RandomErasing, with Python's and torch's generators seeded for this batch
         and restored afterwards (the training step's own randomness stays untouched)."""
-        seed = _seed(self.seed, self.epoch, first, 2)
+        seed = _sample_seed(self.seed, self.epoch, first, 2)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         state = random.getstate()
         with torch.random.fork_rng(devices=cuda):
