@@ -22,15 +22,15 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import dynvit
+from dynvit.benchmark import evaluate_modes, kept_token_stats
 from dynvit.config import Config, ConfigError, load_config, save_config, to_dict
-from dynvit.data import DataError, build_datasets, resolve_data, scan_image_folder
+from dynvit.data import DataError, build_datasets, data_loader, resolve_data, scan_image_folder
 from dynvit.losses import PruningLoss, classification_criterion
-from dynvit.training import (DenseTrainingModel, MetricsFile, TrainState, create_model, create_teacher, evaluate,
-                             find_checkpoint, param_groups, save_checkpoint, seed_step, set_learning_rates)
+from dynvit.training import (DenseTrainingModel, MetricsFile, TrainState, create_model, create_teacher, find_checkpoint,
+                             param_groups, save_checkpoint, seed_step, set_learning_rates)
 
 logger = logging.getLogger("train")
 
@@ -60,11 +60,23 @@ def _train_record(running: dict, count: int, accelerator, optimizer) -> dict:
     return record
 
 
+def _accuracy(model, loader, accelerator, modes: list[str]) -> dict:
+    """Top-1 and top-5 per pruning mode (a model without predictors: the dense path only) and,
+    in the first mode, the kept tokens per stage: mean, 5th and 95th percentile per image."""
+    results = evaluate_modes(model, loader, modes if dynvit.is_patched(model) else ["none"], accelerator=accelerator)
+    metrics = {f"{k}_{mode}": getattr(r, k) for mode, r in results.items() for k in ("top1", "top5")}
+    first, result = next(iter(results.items()))
+    for s, stats in enumerate(kept_token_stats(result.kept_tokens)):
+        name = f"kept_tokens_{first}_stage{s}"
+        metrics.update({name: stats["mean"], f"{name}_p5": stats["p5"], f"{name}_p95": stats["p95"]})
+    return metrics
+
+
 def _validate(model, ema, loader, accelerator, cfg: Config, flop_images, input_size) -> dict:
-    """Top-1 per pruning mode, kept tokens per stage, EMA top-1 and (main process) GMACs."""
-    metrics = evaluate(model, loader, accelerator, cfg.train.eval_modes)
+    """Accuracy per pruning mode, kept tokens per stage, EMA accuracy and (main process) GMACs."""
+    metrics = _accuracy(model, loader, accelerator, cfg.train.eval_modes)
     if ema is not None:
-        ema_metrics = evaluate(ema.module, loader, accelerator, cfg.train.eval_modes[:1])
+        ema_metrics = _accuracy(ema.module, loader, accelerator, cfg.train.eval_modes[:1])
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
     if accelerator.is_main_process and flop_images is not None:
         metrics.update(_gmacs(model, flop_images, cfg.train.eval_modes, input_size))
@@ -112,11 +124,10 @@ def train(cfg: Config) -> dict:
     pruning = hasattr(model, "forward_train")
     reducing = pruning or cfg.model.method != "dynvit"  # a baseline is distilled from the same teacher
     data_config = resolve_data(model, cfg.data)
-    train_set, val_set = build_datasets(cfg.data, cfg.aug, data_config, seed=cfg.train.seed,
-                                        train_folder=train_folder, val_folder=val_folder)
-    train_loader = DataLoader(train_set, batch_size=micro_batch, shuffle=True, drop_last=True,
-                              num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available())
-    val_loader = DataLoader(val_set, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
+    train_set, val_set = build_datasets(cfg.data, cfg.aug, data_config, seed=cfg.train.seed, train_folder=train_folder,
+                                        val_folder=val_folder, device=accelerator.device)  # data.cache: memory -> on device
+    train_loader = data_loader(train_set, micro_batch, train=True, num_workers=cfg.data.num_workers)
+    val_loader = data_loader(val_set, cfg.data.val_batch_size, train=False, num_workers=cfg.data.num_workers)
     mixup_on = cfg.aug.mixup_prob > 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
     if mixup_on and micro_batch % 2:
         raise ConfigError(f"mixup needs an even batch per process, got {micro_batch}")

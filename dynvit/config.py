@@ -49,7 +49,9 @@ class DataConfig:
     val_split: str = "val"  # sub-folder with validation images (same class folders)
     batch_size: int = 128  # global images per optimizer step (all processes and accumulation steps)
     val_batch_size: int = 256  # validation images per process and batch
-    num_workers: int = 4  # data loader worker processes per training process
+    num_workers: int = 4  # data loader worker processes per training process (cache none)
+    cache: str = "none"  # none: decode and augment per image in loader workers; memory: decode once, augment on the device
+    cache_dir: str | None = None  # with cache memory: keep decoded splits here for later runs; None = decode every run
     train_subset: int = 0  # use this many training images (class-balanced, seeded); 0 = all
     val_subset: int = 0  # use this many validation images; 0 = all
     input_size: int | None = None  # square image side; None = the model's default
@@ -150,6 +152,7 @@ class Config:
 _CHOICES = {
     "model.sampler": ("gumbel", "deterministic", "soft"),
     "model.method": ("dynvit", "evit", "tome", "random"),
+    "data.cache": ("none", "memory"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
     "tau.kind": ("constant", "linear", "cosine", "exponential"),
     "noise.kind": ("constant", "linear", "cosine"),
@@ -323,6 +326,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.pretrained and model.pretrained_path are exclusive: hub weights or a local file")
     if len(cfg.aug.scale) != 2 or not 0 < cfg.aug.scale[0] <= cfg.aug.scale[1] <= 1:
         raise ConfigError(f"aug.scale: expected [min, max] with 0 < min <= max <= 1, got {cfg.aug.scale}")
+    per_image = [k for k in ("auto_augment", "color_jitter") if getattr(cfg.aug, k)]
+    if cfg.data.cache == "memory" and per_image:
+        given = ", ".join(f"aug.{k}={getattr(cfg.aug, k)!r}" for k in per_image)
+        fix = " and ".join(f"aug.{k}: null" for k in per_image)
+        raise ConfigError(f"{given}: works on single PIL images, not on the tensor batches of data.cache: memory; "
+                          f"set {fix}, or data.cache: none")
+    if cfg.data.cache == "memory" and cfg.data.interpolation not in (None, "bilinear", "bicubic", "nearest"):
+        raise ConfigError(f"data.interpolation={cfg.data.interpolation!r}: data.cache: memory resamples with "
+                          "bilinear, bicubic or nearest")
     return cfg
 
 

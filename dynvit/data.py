@@ -3,6 +3,8 @@
 Augmentation of sample ``i`` in epoch ``e`` is a pure function of ``(seed, e, i)``: the
 random state is set per sample, so the same image gets the same crop whether a run was
 interrupted or not, and whatever the number of loader workers or training processes.
+``data.cache: memory`` swaps these datasets for the decoded-once ones of
+:mod:`dynvit.memory_data`, whose batches are augmented on the training device.
 """
 from __future__ import annotations
 
@@ -14,12 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from timm.data import create_transform, resolve_data_config
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = ["DataError", "scan_image_folder", "SeededImageDataset", "resolve_data", "build_transform", "build_datasets",
-           "balanced_subset"]
+           "balanced_subset", "data_loader"]
 
 _log = logging.getLogger(__name__)
 
@@ -151,9 +153,14 @@ def build_transform(data_config: dict, aug_cfg=None, *, is_training: bool):
     )
 
 
-def build_datasets(data_cfg, aug_cfg, data_config: dict, *, seed: int, train_folder=None, val_folder=None):
-    """Training and validation :class:`SeededImageDataset` for the config; folders may be
-    passed in when they were scanned already (to learn the class count)."""
+def build_datasets(data_cfg, aug_cfg, data_config: dict, *, seed: int, train_folder=None, val_folder=None,
+                   device: str | torch.device = "cpu"):
+    """Training and validation datasets for the config: :class:`SeededImageDataset` (images
+    decoded and augmented per sample, in loader workers) or, with ``data_cfg.cache ==
+    "memory"``, :class:`dynvit.memory_data.MemoryImageDataset` on ``device``.
+
+    Folders may be passed in when they were scanned already (to learn the class count).
+    """
     train_folder = train_folder or scan_image_folder(os.path.join(data_cfg.path, data_cfg.train_split), what="training")
     val_folder = val_folder or scan_image_folder(os.path.join(data_cfg.path, data_cfg.val_split), what="validation")
     if train_folder.classes != val_folder.classes:
@@ -164,6 +171,27 @@ def build_datasets(data_cfg, aug_cfg, data_config: dict, *, seed: int, train_fol
         )
     train_ix = balanced_subset(train_folder.targets, data_cfg.train_subset, seed)
     val_ix = balanced_subset(val_folder.targets, data_cfg.val_subset, seed)
+    if data_cfg.cache == "memory":
+        from .memory_data import memory_datasets  # imported here: memory_data builds on this module
+
+        return memory_datasets(train_folder, train_ix, val_folder, val_ix, aug_cfg, data_config, seed=seed, device=device,
+                               cache_dir=data_cfg.cache_dir)
     train = SeededImageDataset(train_folder, build_transform(data_config, aug_cfg, is_training=True), indices=train_ix, seed=seed)
     val = SeededImageDataset(val_folder, build_transform(data_config, is_training=False), indices=val_ix, seed=seed)
     return train, val
+
+
+def _whole_batch(batch):
+    return batch
+
+
+def data_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int = 0) -> DataLoader:
+    """The loader of a training (shuffled, full batches only) or evaluation dataset.
+
+    A dataset that makes whole batches itself (``__getitems__``, as the in-memory one does on
+    its device) is read in this process and its batches are passed on as they are.
+    """
+    if hasattr(dataset, "__getitems__"):
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, collate_fn=_whole_batch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
+                      pin_memory=train and torch.cuda.is_available())

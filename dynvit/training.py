@@ -1,5 +1,6 @@
 """Pieces of the training loop that are not the loop: model construction from a config,
-parameter groups, the learning-rate rule, per-step seeding, checkpoints and evaluation.
+parameter groups, the learning-rate rule, per-step seeding, checkpoints and the metrics file.
+(Validation measures through :func:`dynvit.benchmark.evaluate_modes`.)
 """
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import logging
 import os
 import random
 import shutil
-import time
 
 import numpy as np
 import timm
@@ -21,7 +21,7 @@ from .model import PruningOutput
 from .weights import load_weights
 
 __all__ = ["create_model", "create_teacher", "DenseTrainingModel", "param_groups", "set_learning_rates", "seed_step",
-           "TrainState", "save_checkpoint", "find_checkpoint", "evaluate", "throughput", "MetricsFile"]
+           "TrainState", "save_checkpoint", "find_checkpoint", "MetricsFile"]
 
 _log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -183,54 +183,7 @@ def find_checkpoint(resume: str, root: str) -> str | None:
     return resume
 
 
-# ---- evaluation ---------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator, modes: list[str]) -> dict:
-    """Top-1 (%) per pruning mode and, per stage, mean kept patch tokens (threshold mode first
-    listed), over the whole (sharded) validation set."""
-    was_training = model.training
-    model.eval()
-    patched = hasattr(model, "forward_pruned")
-    modes = modes if patched else ["none"]
-    correct = {m: 0 for m in modes}
-    kept: list[torch.Tensor] = []
-    seen = 0
-    for images, target in loader:
-        for mode in modes:
-            out = model.forward_pruned(images, mode=mode) if patched else PruningOutput(model(images))
-            pred, tgt = accelerator.gather_for_metrics((out.logits.argmax(-1), target))
-            correct[mode] += int((pred == tgt).sum())
-            if mode == modes[0] and out.keep_masks:
-                counts = torch.stack([m.sum(1).float() for m in out.keep_masks], dim=1)  # (B, stages)
-                kept.append(accelerator.gather_for_metrics(counts).sum(0))
-        seen += len(tgt)
-    model.train(was_training)
-    metrics = {f"top1_{m}": 100.0 * correct[m] / max(seen, 1) for m in modes}
-    if kept:
-        for s, k in enumerate(torch.stack(kept).sum(0) / max(seen, 1)):
-            metrics[f"kept_tokens_{modes[0]}_stage{s}"] = float(k)
-    return metrics
-
-
-@torch.no_grad()
-def throughput(model: nn.Module, images: torch.Tensor, *, mode: str | None = None, repeats: int = 3) -> float:
-    """Images per second of the eval-mode ``model`` on ``images`` (best of ``repeats``)."""
-    was_training, old = model.training, getattr(model, "prune_mode", None)
-    model.eval()
-    if mode is not None and old is not None:
-        model.prune_mode = mode
-    model(images[:2])  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(images)
-        best = min(best, time.perf_counter() - t0)
-    model.train(was_training)
-    if old is not None:
-        model.prune_mode = old
-    return len(images) / best
-
-
+# ---- metrics ------------------------------------------------------------------------------
 class MetricsFile:
     """Appends one JSON object per record to ``path`` (main process only)."""
 

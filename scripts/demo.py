@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import shutil
@@ -27,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dynvit  # noqa: E402
+from dynvit.benchmark import evaluate, evaluate_modes, kept_token_stats, measure_speed  # noqa: E402
 from dynvit.config import load_config  # noqa: E402
 from dynvit.data import build_datasets, resolve_data  # noqa: E402
-from dynvit.training import throughput  # noqa: E402
 from train import train  # noqa: E402
 
 # Sized for about 10 minutes on 2 CPU cores; a GPU runs the full recipes instead (see README).
@@ -43,19 +44,9 @@ def _common(args, out: Path) -> list[str]:
             "--train.output_dir", str(out), "--train.trackers", "[]", "--train.progress_bar", str(args.progress).lower()]
 
 
-@torch.no_grad()
-def _measure(model, loader, mode: str | None) -> tuple[float, list[float]]:
-    """Top-1 (%) of the eval-mode model over ``loader`` in pruning ``mode`` (None: dense
-    model) and the mean patch tokens kept after each pruning stage."""
-    correct = seen = 0
-    kept = None
-    for images, target in loader:
-        out = model.forward_pruned(images, mode=mode) if mode else dynvit.PruningOutput(model(images))
-        correct += int((out.logits.argmax(-1) == target).sum())
-        seen += len(target)
-        counts = torch.stack([m.sum() for m in out.keep_masks]).float() if out.keep_masks else torch.zeros(0)
-        kept = counts if kept is None else kept + counts
-    return 100.0 * correct / seen, (kept / seen).tolist()
+def _kept(result) -> str:
+    """Kept patch tokens per stage: mean [5th-95th percentile] over the images."""
+    return " / ".join(f"{k['mean']:.1f} [{k['p5']:.0f}-{k['p95']:.0f}]" for k in kept_token_stats(result.kept_tokens))
 
 
 def main(argv=None) -> int:
@@ -101,15 +92,21 @@ def main(argv=None) -> int:
     dense, pruned = dynvit.load_pretrained(dense_dir), dynvit.load_pretrained(out / "dynvit" / "final")
     data_config = resolve_data(pruned, cfg.data)
     _, val_set = build_datasets(cfg.data, cfg.aug, data_config, seed=cfg.train.seed)
-    loader = torch.utils.data.DataLoader(val_set, batch_size=250, num_workers=args.workers)
-    bench = torch.cat([images for images, _ in loader])[:256]
+    batches = list(torch.utils.data.DataLoader(val_set, batch_size=250, num_workers=args.workers))  # decoded once
+    bench = torch.cat([images for images, _ in batches])[:256]
     input_size = data_config["input_size"]
-    num_patches = dense.patch_embed.num_patches
-    rows = [("dense ViT (teacher)", *_measure(dense, loader, None), dynvit.count_flops(dense, input_size),
-             throughput(dense, bench))]
-    for mode, label in (("topk", f"DynViT, top-k {cfg.model.keep_ratio}"), ("threshold", "DynViT, threshold 0.5")):
-        gmacs = dynvit.count_flops(pruned, input_size, images=bench[:16], mode=mode)  # threshold: mean of 16 images
-        rows.append((label, *_measure(pruned, loader, mode), gmacs, throughput(pruned, bench, mode=mode)))
+    modes = {"topk": f"DynViT, top-k {cfg.model.keep_ratio}", "threshold": "DynViT, threshold 0.5"}
+    accuracy = {"dense": evaluate(dense, batches), **evaluate_modes(pruned, batches, tuple(modes))}
+    models = {"dense": dense}
+    for mode in modes:
+        models[mode] = copy.deepcopy(pruned)
+        models[mode].prune_mode = mode
+    speed = measure_speed(models, bench, (len(bench),), repeats=3, min_seconds=1.0)
+    labels = {"dense": "dense ViT (teacher)", **modes}
+    rows = []
+    for key, label in labels.items():
+        gmacs = dynvit.count_flops(models[key], input_size, images=bench[:16], mode=None if key == "dense" else key)
+        rows.append((label, accuracy[key], gmacs, speed[key][len(bench)]))  # threshold GMACs: mean of 16 images
 
     exported = ""
     if args.export != "none" and hasattr(dynvit, "export_model"):
@@ -120,16 +117,19 @@ def main(argv=None) -> int:
         except Exception as e:  # an export problem must not hide the measurements
             exported = f"export skipped: {type(e).__name__}: {e}"
 
-    n = len(val_set)
+    n, other = len(val_set), speed["dense"][len(bench)]["other_cpu_share"]
     table = [f"{Path(args.data).name}/{args.val_split}: {n} images; {torch.get_num_threads()} CPU threads; "
-             f"images/s at batch {len(bench)}",
-             f"{'model':<24} {'top-1 %':>8} {'kept tokens/stage':>18} {'GMACs':>8} {'images/s':>9}"]
-    for name, acc, kept, gmacs, speed in rows:
-        tokens = " / ".join(f"{k:.1f}" for k in kept) if kept else f"{num_patches}"
-        table.append(f"{name:<24} {acc:>8.2f} {tokens:>18} {gmacs:>8.4f} {speed:>9.0f}")
+             f"images/s at batch {len(bench)} (median of 3 repeats"
+             + (f", other processes took {100 * other:.0f}% of the CPUs meanwhile)" if other is not None else ")"),
+             f"{'model':<24} {'top-1 %':>8} {'top-5 %':>8} {'kept tokens/stage, mean [p5-p95]':>34} {'GMACs':>8} "
+             f"{'images/s':>9}"]
+    for name, acc, gmacs, s in rows:
+        tokens = _kept(acc) or f"{dense.patch_embed.num_patches}"
+        table.append(f"{name:<24} {acc.top1:>8.2f} {acc.top5:>8.2f} {tokens:>34} {gmacs:>8.4f} {s['images_per_s']:>9.0f}")
     dense_row = rows[0]
-    for name, _, _, gmacs, speed in rows[1:]:
-        table.append(f"{name}: {gmacs / dense_row[3]:.2f}x the dense GMACs, {speed / dense_row[4]:.2f}x its speed")
+    for name, _, gmacs, s in rows[1:]:
+        table.append(f"{name}: {gmacs / dense_row[2]:.2f}x the dense GMACs, "
+                     f"{s['images_per_s'] / dense_row[3]['images_per_s']:.2f}x its speed")
     table.append(f"wall time {time.perf_counter() - start:.0f} s" + (f"; {exported}" if exported else ""))
     text = "\n".join(table)
     print("\n" + text)

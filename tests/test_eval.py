@@ -119,6 +119,59 @@ def test_measure_speed_reports_medians():
             assert s["other_cpu_share"] is None or 0.0 <= s["other_cpu_share"] <= 1.05
     info = bench.machine_info()
     assert info["threads"] == torch.get_num_threads() and info["device"] == "cpu"
+    with bench.OtherCpuUse() as ours:
+        sum(i * i for i in range(300_000))
+    assert ours.own_seconds > 0
+    nobody = bench.OtherCpuUse(own=lambda: 0.0).start()
+    sum(i * i for i in range(300_000))
+    nobody.stop()
+    assert nobody.own_seconds == 0.0 and (nobody.share is None or nobody.share > 0)  # our work counted as others'
+
+
+def test_evaluate_counts_what_each_image_keeps():
+    """One pass, two modes: top-1/top-5 as computed by hand, per-image kept tokens equal to
+    each image run alone, tokens per block their mean, top-k the same count for every image."""
+    dense = _tiny_dense()
+    model = dynvit.build_model("vit_tiny_patch16_224", prune_loc=(1, 2), keep_ratio=0.6, **TINY)
+    model.load_state_dict({**dense.state_dict(), **{k: v for k, v in model.state_dict().items() if "predictors" in k}})
+    randomize_(model.predictors, seed=3, scale=0.5)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, 32, 32, generator=g), torch.randint(0, 10, (10,), generator=g)
+    loader = [(x[:6], y[:6]), (x[6:], y[6:])]
+    results = bench.evaluate_modes(model, loader, ("threshold", "topk"))
+    assert set(results) == {"threshold", "topk"}
+    with torch.no_grad():
+        logits = model.forward_pruned(x, mode="threshold").logits
+        alone = torch.stack([torch.stack([m.sum() for m in model.forward_pruned(x[i:i + 1], mode="threshold").keep_masks])
+                             for i in range(10)]).float()
+    r = results["threshold"]
+    assert r.images == 10 and r.kept_tokens.shape == (10, 2)
+    assert r.top1 == pytest.approx(100.0 * float((logits.argmax(-1) == y).float().mean()))
+    assert r.top5 == pytest.approx(100.0 * float((logits.topk(5).indices == y[:, None]).any(1).float().mean()))
+    torch.testing.assert_close(r.kept_tokens, alone)
+    assert len(set(r.kept_tokens[:, 0].tolist())) > 1  # the spread this measures exists
+    assert r.tokens_per_block == pytest.approx([16.0, *alone.mean(0).tolist(), float(alone[:, 1].mean())])
+    topk = results["topk"].kept_tokens
+    assert (topk == torch.tensor([round(0.6 * 16), round(0.36 * 16)]).float()).all()
+    stats = bench.kept_token_stats(r.kept_tokens)
+    assert [s["mean"] for s in stats] == pytest.approx(alone.mean(0).tolist())
+    assert all(s["p5"] <= s["mean"] <= s["p95"] for s in stats)
+    assert r.summary()["kept_tokens"] == stats and json.loads(json.dumps(r.summary()))
+    assert bench.evaluate(model, loader, mode="topk").top1 == results["topk"].top1
+    dense_result = bench.evaluate(dense, loader)
+    assert dense_result.tokens_per_block == [16.0] * 4 and dense_result.kept_tokens.shape == (10, 0)
+    with pytest.raises(ValueError, match="need a dynvit model"):
+        bench.evaluate(dense, loader, mode="topk")
+
+
+def test_kept_token_stats_percentiles():
+    kept = torch.stack([torch.arange(101.0), 2 * torch.arange(101.0)], dim=1)  # 0..100 and 0..200
+    assert bench.kept_token_stats(kept) == [{"mean": 50.0, "p5": 5.0, "p95": 95.0},
+                                            {"mean": 100.0, "p5": 10.0, "p95": 190.0}]
+    assert bench.kept_token_stats(torch.zeros(4, 0)) == []
+    with pytest.raises(ValueError, match="images, stages"):
+        bench.kept_token_stats(torch.zeros(4))
 
 
 def test_masked_panels_blank_dropped_patches():

@@ -134,11 +134,16 @@ def test_a_run_writes_config_metrics_checkpoints_and_model(tmp_path):
     assert model.dynvit_meta["classes"] == sorted(os.listdir(CIFAR10 / "train"))
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights_tau_and_noise_scale(tmp_path):
+# data.cache memory: images decoded once, crops/flips and random erasing drawn on the batch tensors
+CACHES = {"none": [], "memory": ["--data.cache", "memory", "--aug.re_prob", "0.25"]}
+
+
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_killed_and_resumed_run_ends_with_the_same_weights_tau_and_noise_scale(tmp_path, cache):
     common = ["--aug.mixup", "0.8", "--aug.smoothing", "0.1", "--model.drop_path_rate", "0.1",
               "--tau.kind", "linear", "--tau.tau_end", "0.2", "--noise.kind", "cosine", "--noise.scale_end", "0",
               "--noise.anneal_epochs", "1.5", "--model.dropped_tokens", "merge",
-              "--train.log_every", "1", "--data.num_workers", "1", *QUICK_EVAL]
+              "--train.log_every", "1", "--data.num_workers", "1", *CACHES[cache], *QUICK_EVAL]
     train(smoke(tmp_path / "whole", *common))
     stopped = train(smoke(tmp_path / "cut", *common, "--train.stop_after_steps", "3"))  # mid-epoch (4 steps each)
     assert stopped["step"] == 3 and "final_dir" not in stopped
@@ -237,14 +242,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_train_what_one_does(tmp_path):
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_two_cpu_processes_train_what_one_does(tmp_path, cache):
     """The smoke run with the same global batch (16 = 2 x 8) on two gloo processes ends where
-    one process ends, up to float rounding.
+    one process ends, up to float rounding: each process gets its half of every global batch,
+    with the crops and flips that image gets in the one-process run.
 
     Sampling is deterministic here: with Gumbel sampling each process draws its own noise, so
     the second half-batch sees different masks than in the one-process run (after the 8 steps
     of this run that alone moves the weights by about half of their update)."""
-    sampler = ["--model.sampler", "deterministic", *QUICK_EVAL]
+    sampler = ["--model.sampler", "deterministic", "--data.cache", cache, *QUICK_EVAL]
     cfg = smoke(tmp_path / "one", *sampler)
     set_seed(cfg.train.seed)
     initial = create_model(cfg, num_classes=10).state_dict()

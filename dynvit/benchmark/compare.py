@@ -1,40 +1,31 @@
-"""Measure token-reduction methods side by side: accuracy, GMACs, kept tokens, parameters, speed.
+"""Token-reduction methods side by side on one dense model: accuracy, GMACs, kept tokens,
+parameters, speed.
 
 Every method is built from one dense timm model (a deep copy, then patched), and measured on
 the same images, in the same process, on the same machine, so the rows of a table differ only
-by the method. :func:`compare` does a whole table; the pieces it uses are public:
-
-- :func:`make_method` builds ``dense``, ``dynvit``, ``evit``, ``tome`` or ``random`` on a copy.
-- :func:`evaluate` gives top-1, top-5 and the mean patch tokens each block computes.
-- :func:`match_tome_r` picks ToMe's ``r`` whose GMACs is closest to a target.
-- :func:`measure_speed` gives images/s, repeats interleaved across models, median reported.
-- :func:`markdown_table` and :func:`write_json` write the results.
+by the method. :func:`compare` does a whole table; :func:`make_method` builds ``dense``,
+``dynvit``, ``evit``, ``tome`` or ``random`` on a copy and :func:`match_tome_r` picks ToMe's
+``r`` whose GMACs is closest to a target.
 """
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
-import os
-import platform
-import statistics
-import time
 from collections.abc import Iterable, Sequence
 
 import timm
 import torch
 from torch import nn
 
-from .baselines import patch_evit, patch_random, patch_tome
-from .flops import count_flops
-from .patch import is_patched, patch
-from .ratios import normalize_keep_ratio, normalize_prune_loc
+from ..baselines import patch_evit, patch_random, patch_tome
+from ..flops import count_flops
+from ..patch import is_patched, patch
+from ..ratios import normalize_keep_ratio, normalize_prune_loc
+from .accuracy import evaluate, num_patches
+from .speed import measure_speed, tile
 
-__all__ = [
-    "METHODS", "dense_backbone", "default_prune_loc", "make_method", "calibrate_threshold_", "evaluate",
-    "match_tome_r", "measure_speed", "OtherCpuUse", "machine_info", "compare", "markdown_table", "results_table", "write_json",
-]
+__all__ = ["METHODS", "dense_backbone", "default_prune_loc", "make_method", "calibrate_threshold_", "match_tome_r",
+           "compare"]
 
 _log = logging.getLogger(__name__)
 
@@ -133,70 +124,6 @@ def calibrate_threshold_(model: nn.Module, images: torch.Tensor, batch_size: int
     return model
 
 
-# ---- accuracy and tokens ------------------------------------------------------------------
-def _count_tokens(model: nn.Module, num_patches: int, batch: int, totals: list[float]):
-    """Hooks adding, per block, the patch tokens its MLP computes (fused/merged tokens count)."""
-    p = model.num_prefix_tokens
-    handles = []
-    for i, block in enumerate(model.blocks):
-        def hook(module, args, i=i):
-            totals[i] += (args[0].shape[1] - p) * args[0].shape[0]
-        handles.append(block.norm2.register_forward_pre_hook(hook))
-    return handles
-
-
-def _dynvit_tokens(model: nn.Module, masks: list[torch.Tensor], num_patches: int, totals: list[float], batch: int):
-    """Per block, the real kept patch tokens of a dynvit batch (padding excluded)."""
-    stage_of = {b: s for s, b in enumerate(model.prune_loc)}
-    count = float(num_patches * batch)
-    for i in range(len(model.blocks)):
-        if i in stage_of:
-            count = float(masks[stage_of[i]].sum())
-        totals[i] += count
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu") -> dict:
-    """Top-1 and top-5 accuracy (%) and the mean patch tokens computed by each block.
-
-    Returns:
-        ``top1``, ``top5``, ``images`` and ``tokens_per_block`` (mean per image, one per
-        block; a dynvit model counts its really kept tokens, not the padding of a batch).
-    """
-    model.eval()
-    correct1 = correct5 = seen = 0
-    totals = [0.0] * len(model.blocks)
-    dynvit = is_patched(model) and model.prune_mode != "none"
-    for images, target in loader:
-        images, target = images.to(device), target.to(device)
-        num_patches = _num_patches(model, images.shape[-2:])
-        if dynvit:
-            out = model.forward_pruned(images)
-            logits = out.logits
-            _dynvit_tokens(model, out.keep_masks, num_patches, totals, len(images))
-        else:
-            handles = _count_tokens(model, num_patches, len(images), totals)
-            try:
-                logits = model(images)
-            finally:
-                for h in handles:
-                    h.remove()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top == target[:, None]
-        correct1 += int(hit[:, 0].sum())
-        correct5 += int(hit.any(dim=1).sum())
-        seen += len(target)
-    if not seen:
-        raise ValueError("the evaluation loader yielded no images")
-    return {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "images": seen,
-            "tokens_per_block": [t / seen for t in totals]}
-
-
-def _num_patches(model: nn.Module, hw: Sequence[int]) -> int:
-    ph, pw = model.patch_embed.patch_size
-    return (int(hw[0]) // ph) * (int(hw[1]) // pw)
-
-
 # ---- GMACs --------------------------------------------------------------------------------
 def match_tome_r(dense: nn.Module, target_gmacs: float, input_size: Sequence[int]) -> tuple[int, float]:
     """ToMe's ``r`` (the same in every block) whose GMACs is closest to ``target_gmacs``.
@@ -211,7 +138,7 @@ def match_tome_r(dense: nn.Module, target_gmacs: float, input_size: Sequence[int
             cache[r] = count_flops(make_method(dense, "tome", tome_r=r), tuple(input_size))
         return cache[r]
 
-    lo, hi = 0, _num_patches(dense, input_size[-2:]) // 2
+    lo, hi = 0, num_patches(dense, input_size[-2:]) // 2
     if gmacs(hi) > target_gmacs:
         return hi, gmacs(hi)
     while lo < hi:  # smallest r with gmacs(r) <= target
@@ -227,131 +154,6 @@ def _gmacs(model: nn.Module, input_size: Sequence[int], images: torch.Tensor | N
     return count_flops(model, tuple(input_size))
 
 
-# ---- speed --------------------------------------------------------------------------------
-def machine_info(device: str | torch.device = "cpu") -> dict:
-    """What the timings ran on: device, processor, threads, library versions, load average."""
-    device = torch.device(device)
-    info = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "timm": timm.__version__, "python": platform.python_version(), "processor": _cpu_name()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    if hasattr(os, "getloadavg"):
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-class OtherCpuUse:
-    """Context manager: the share of the CPUs that *other* processes (and the hypervisor's
-    steal) took while the block ran, from ``/proc/stat`` minus this process's own CPU time.
-
-    A timing is trustworthy when ``share`` is near 0; ``None`` where ``/proc/stat`` is missing.
-    """
-
-    share: float | None = None
-    steal: float | None = None
-
-    @staticmethod
-    def _read() -> tuple[float, float] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [float(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-        steal = fields[7] if len(fields) > 7 else 0.0
-        return (sum(fields[:8]) - idle - steal) / hz, steal / hz
-
-    def __enter__(self):
-        self._start = (self._read(), time.process_time(), time.perf_counter())
-        return self
-
-    def __exit__(self, *exc):
-        end, own, wall = self._read(), time.process_time(), time.perf_counter()
-        if self._start[0] is None or end is None:
-            return
-        capacity = (wall - self._start[2]) * (os.cpu_count() or 1)
-        others = (end[0] - self._start[0][0]) - (own - self._start[1])
-        self.share = max(0.0, others) / capacity
-        self.steal = (end[1] - self._start[0][1]) / capacity
-
-
-def _tile(images: torch.Tensor, n: int) -> torch.Tensor:
-    reps = math.ceil(n / len(images))
-    return images.repeat(reps, 1, 1, 1)[:n].contiguous()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def measure_speed(
-    models: dict[str, nn.Module],
-    images: torch.Tensor,
-    batch_sizes: Sequence[int] = (1, 64),
-    *,
-    repeats: int = 5,
-    warmup: int = 3,
-    min_seconds: float = 1.0,
-) -> dict:
-    """Images per second of each eval-mode model at each batch size.
-
-    Per batch size: each model is warmed up (``warmup`` calls, discarded) and given enough
-    calls per repeat to run ``min_seconds``; then the repeats go round the models in turn, so
-    a change in machine load hits every model alike. The median of the repeats is reported.
-
-    Returns:
-        ``{name: {batch_size: {"images_per_s", "repeats", "calls_per_repeat", "other_cpu_share",
-        "steal_share"}}}``; the last two (see :class:`OtherCpuUse`) say how much other work ran
-        during the repeats of that batch size, and should be near 0 for figures to publish.
-    """
-    device = images.device
-    result: dict[str, dict[int, dict]] = {name: {} for name in models}
-    for bs in batch_sizes:
-        batch = _tile(images, bs)
-        calls = {}
-        for name, model in models.items():
-            model.eval()
-            for _ in range(warmup):
-                model(batch)
-            _sync(device)
-            t0 = time.perf_counter()
-            model(batch)
-            _sync(device)
-            calls[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-6)))
-        rates: dict[str, list[float]] = {name: [] for name in models}
-        with OtherCpuUse() as other:
-            for _ in range(repeats):
-                for name, model in models.items():
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    for _ in range(calls[name]):
-                        model(batch)
-                    _sync(device)
-                    rates[name].append(calls[name] * bs / (time.perf_counter() - t0))
-        if other.share is not None and other.share + other.steal > 0.05:
-            _log.warning("batch %d: other processes took %.0f%% of the CPUs (steal %.0f%%) while timing; "
-                         "do not publish these figures", bs, 100 * other.share, 100 * other.steal)
-        for name in models:
-            result[name][bs] = {"images_per_s": statistics.median(rates[name]), "repeats": rates[name],
-                                "calls_per_repeat": calls[name], "other_cpu_share": other.share,
-                                "steal_share": other.steal}
-            _log.info("%s batch %d: %.1f images/s", name, bs, result[name][bs]["images_per_s"])
-    return result
-
 
 # ---- a whole comparison -------------------------------------------------------------------
 def _params_m(model: nn.Module) -> float:
@@ -362,11 +164,11 @@ def _fmt_ratios(ratios: Sequence[float]) -> str:
     return "/".join(f"{r:.2f}" for r in ratios)
 
 
-def _measured_fractions(tokens_per_block: Sequence[float], prune_loc: Sequence[int], num_patches: int) -> tuple[float, ...]:
+def _measured_fractions(tokens_per_block: Sequence[float], prune_loc: Sequence[int], n0: int) -> tuple[float, ...]:
     """Cumulative kept fractions at each stage from measured tokens, as a valid keep_ratio."""
     fractions, last = [], 1.0
     for b in prune_loc:
-        last = min(last, max(tokens_per_block[b] / num_patches, 1.0 / num_patches))
+        last = min(last, max(tokens_per_block[b] / n0, 1.0 / n0))
         fractions.append(last)
     return tuple(fractions)
 
@@ -429,7 +231,7 @@ def compare(
         row = rows.measure("dynvit", dynvit_model, setting=f"{mode}, keep {_fmt_ratios(ratios)}", mode=mode,
                            prune_loc=list(loc), keep_ratio=list(ratios))
         if mode == "threshold":  # the baselines keep what dynvit really kept
-            ratios = _measured_fractions(row["tokens_per_block"], loc, _num_patches(dense, input_size[-2:]))
+            ratios = _measured_fractions(row["tokens_per_block"], loc, num_patches(dense, input_size[-2:]))
             row.update(setting=f"threshold, kept {_fmt_ratios(ratios)}", kept_fraction=list(ratios))
         elif mode == "none":
             ratios = (1.0,) * len(loc)
@@ -452,7 +254,7 @@ def compare(
                              tome_r=tome_r)
     if batch_sizes:
         speed_images = images if speed_images is None else speed_images
-        speed = measure_speed(rows.models, _tile(speed_images, max(batch_sizes)), batch_sizes, repeats=repeats)
+        speed = measure_speed(rows.models, tile(speed_images, max(batch_sizes)), batch_sizes, repeats=repeats)
         for name, row in rows.rows.items():
             row["speed"] = {str(bs): v for bs, v in speed[name].items()}
     _derive(rows.rows)
@@ -492,10 +294,10 @@ class _Rows:
         device = self.images.device
         row = {"method": name, **info, "params_m": _params_m(model), "gmacs": _gmacs(model, self.input_size, self.images)}
         if self.loader is not None:
-            row.update(evaluate(model, self.loader, device=device))
+            row.update(evaluate(model, self.loader, device=device).summary())
         else:  # tokens only, on the given images
             batch = [(self.images, torch.zeros(len(self.images), dtype=torch.long))]
-            row["tokens_per_block"] = evaluate(model, batch, device=device)["tokens_per_block"]
+            row["tokens_per_block"] = evaluate(model, batch, device=device).tokens_per_block
         _log.info("%s: %s", name, {k: v for k, v in row.items() if k != "tokens_per_block"})
         self.models[name], self.rows[name] = model, row
         return row
@@ -510,48 +312,3 @@ def _derive(rows: dict[str, dict]) -> None:
         for bs, s in row.get("speed", {}).items():
             s["speedup"] = s["images_per_s"] / base["speed"][bs]["images_per_s"]
             s["speedup_over_limit"] = s["speedup"] / row["speedup_limit"]
-
-
-# ---- writers ------------------------------------------------------------------------------
-def markdown_table(header: Sequence[str], body: Iterable[Sequence[object]]) -> str:
-    """A Markdown table; numbers in ``body`` should already be strings."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in line) + " |" for line in body]
-    return "\n".join(lines)
-
-
-def results_table(rows: Sequence[dict], prune_loc: Sequence[int] | None = None) -> str:
-    """The Markdown table of :func:`compare`'s rows; columns appear when the rows have them."""
-    has_acc = any("top1" in r for r in rows)
-    batch_sizes = sorted({int(bs) for r in rows for bs in r.get("speed", {})})
-    loc = list(prune_loc) if prune_loc else next((r["prune_loc"] for r in rows if "prune_loc" in r), [])
-    header = ["method", "setting"] + (["top-1", "top-5"] if has_acc else [])
-    header += ["GMACs", "GMACs ratio", "speed-up limit", f"tokens @ blocks {','.join(map(str, loc))}", "params (M)"]
-    for bs in batch_sizes:
-        header += [f"img/s b{bs}", f"speed-up b{bs}"]
-    if batch_sizes:
-        header.append(f"speed-up / limit b{batch_sizes[-1]}")
-    body = []
-    for r in rows:
-        line = [r["method"], r.get("setting", "")]
-        if has_acc:
-            line += [f"{r['top1']:.2f}", f"{r['top5']:.2f}"] if "top1" in r else ["", ""]
-        tokens = "/".join(f"{r['tokens_per_block'][b]:.1f}" for b in loc) if "tokens_per_block" in r else ""
-        line += [f"{r['gmacs']:.4g}", f"{r['gmacs_ratio']:.3f}", f"{r['speedup_limit']:.2f}x", tokens, f"{r['params_m']:.2f}"]
-        for bs in batch_sizes:
-            s = r.get("speed", {}).get(str(bs))
-            line += [f"{s['images_per_s']:.1f}", f"{s['speedup']:.2f}x"] if s else ["", ""]
-        if batch_sizes:
-            s = r.get("speed", {}).get(str(batch_sizes[-1]))
-            line.append(f"{s['speedup_over_limit']:.2f}" if s else "")
-        body.append(line)
-    return markdown_table(header, body)
-
-
-def write_json(path: str | os.PathLike, obj) -> str:
-    """Write ``obj`` as indented JSON, creating the folder; return the path."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-    return path
