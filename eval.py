@@ -2,8 +2,14 @@
 
     python eval.py --checkpoint DIR --data PATH [--mode threshold|topk|none] [--keep-ratio R]
     python eval.py --model deit_small_patch16_224 --keep-ratio 0.7 --flops-only   # no data, no weights
-    python eval.py --checkpoint DIR --data PATH --sweep 1.0,0.9,0.8,0.7,0.6,0.5 --plot out/pareto.png
+    python eval.py --checkpoint DIR --data PATH --budget 0.6 [--calib-images 1000] [--hist out/kept.png]
+    python eval.py --checkpoint DIR --data PATH --sweep 0.9,0.8,0.7,0.6,0.5 --plot out/pareto.png
     python eval.py --checkpoint DIR --data PATH --visualize 16 --out out/masks.png
+
+``--budget R`` calibrates the thresholds of threshold mode (``dynvit.calibrate``) so that the
+mean kept fraction is R (``R**s`` after stage ``s``) on ``--calib-images`` images held out of
+the evaluated split (or taken from ``--calib-split``), then measures on the rest. A sweep of a
+trained model measures dynvit at each budget in top-k mode and in calibrated threshold mode.
 
 Every method is built from the same dense model (``--dense DIR``, else the backbone of
 ``--checkpoint``) and measured in this one process: a Markdown table goes to stdout and every
@@ -26,7 +32,7 @@ import dynvit
 from dynvit import benchmark as bench
 from dynvit.data import DataError, SeededImageDataset, balanced_subset, build_transform, scan_image_folder
 from dynvit.hub import load_pretrained
-from dynvit.visualize import save_accuracy_vs_gmacs, save_keep_mask_grid
+from dynvit.visualize import save_accuracy_vs_gmacs, save_keep_mask_grid, save_kept_histogram
 
 logger = logging.getLogger("eval")
 _CACHE_BYTES = 1 << 30  # evaluation sets smaller than this are decoded once and kept in memory
@@ -64,8 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per model and batch (median reported)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sweep", type=_floats, help="keep ratios for an accuracy-vs-GMACs curve (topk mode)")
+    p.add_argument("--budget", type=_floats, help="calibrate threshold mode to this keep ratio (r, or one per stage) "
+                   "on held-out images, then measure")
+    p.add_argument("--calib-images", type=int, default=1000, help="images held out of the split for --budget/--sweep")
+    p.add_argument("--calib-split", help="calibrate on this sub-folder of --data instead of holding images out")
+    p.add_argument("--sweep", type=_floats, help="keep ratios for an accuracy-vs-GMACs curve (dynvit: top-k and "
+                   "calibrated threshold at each)")
     p.add_argument("--plot", help="PNG of the sweep, one line per method")
+    p.add_argument("--hist", help="PNG histogram of the patch tokens each image keeps (trained dynvit model)")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="only draw the kept patches of N images")
     p.add_argument("--out", default="out/masks.png", help="PNG of --visualize")
     p.add_argument("--json", default="out/eval.json", help="where every figure is written")
@@ -75,6 +87,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--plot draws a --sweep")
     if args.visualize and not args.data:
         p.error("--visualize needs --data")
+    if (args.budget or args.hist) and not args.data:
+        p.error("--budget and --hist need --data")
+    if args.budget and args.sweep:
+        p.error("--sweep calibrates at every budget; give --budget or --sweep, not both")
+    if args.budget and args.mode in ("topk", "none"):
+        p.error(f"--budget calibrates threshold mode; it does not apply to --mode {args.mode}")
+    bad = [r for r in (args.budget or []) + (args.sweep or []) if not 0.0 < r <= 1.0]
+    if bad:
+        p.error(f"budgets and sweep keep ratios must be in (0, 1], got {bad}")
+    if (args.budget or args.sweep) and args.calib_images <= 0:
+        p.error("--calib-images must be > 0: calibration needs images")
     return args
 
 
@@ -120,17 +143,39 @@ def _split_folder(args) -> str:
     return args.data
 
 
-def load_data(args, model, limit: int):
-    """The evaluation dataset (model's own preprocessing) and the folder's class names."""
-    folder = scan_image_folder(_split_folder(args), what="evaluation")
+def _check_classes(folder, model) -> None:
     classes = (getattr(model, "dynvit_meta", None) or {}).get("classes")
     if classes and list(classes) != list(folder.classes):
         raise DataError(f"the checkpoint's classes {classes[:5]}... differ from the folder's {folder.classes[:5]}...")
     if model.num_classes != len(folder.classes):
         raise DataError(f"the model has {model.num_classes} classes, the folder {len(folder.classes)}")
-    indices = balanced_subset(folder.targets, limit, args.seed)
-    dataset = SeededImageDataset(folder, build_transform(data_config(model), is_training=False), indices=indices, seed=args.seed)
-    return dataset, folder.classes
+
+
+def load_data(args, model, limit: int, hold_out: int = 0):
+    """The evaluation dataset (model's own preprocessing), the folder's class names and the
+    ``hold_out`` images (class-balanced, ``None`` when 0) kept out of it for calibration."""
+    folder = scan_image_folder(_split_folder(args), what="evaluation")
+    _check_classes(folder, model)
+    transform = build_transform(data_config(model), is_training=False)
+    held = balanced_subset(folder.targets, hold_out, args.seed + 1) if hold_out else []
+    if hold_out and len(held) >= len(folder):
+        raise DataError(f"--calib-images {hold_out} leaves no image of {_split_folder(args)} to evaluate; hold out fewer "
+                        "or calibrate on another split (--calib-split)")
+    rest = sorted(set(range(len(folder))) - set(held))
+    indices = [rest[i] for i in balanced_subset([folder.targets[i] for i in rest], limit, args.seed)]
+    dataset = SeededImageDataset(folder, transform, indices=indices, seed=args.seed)
+    calib = SeededImageDataset(folder, transform, indices=held, seed=args.seed) if held else None
+    return dataset, folder.classes, calib
+
+
+def calibration_images(args, model, held_out) -> torch.Tensor:
+    """The images ``dynvit.calibrate`` sees: ``--calib-split`` of ``--data``, else the held-out ones."""
+    if args.calib_split:
+        folder = scan_image_folder(os.path.join(args.data, args.calib_split), what="calibration")
+        _check_classes(folder, model)
+        held_out = SeededImageDataset(folder, build_transform(data_config(model), is_training=False),
+                                      indices=balanced_subset(folder.targets, args.calib_images, args.seed + 1))
+    return torch.cat([x for x, _ in DataLoader(held_out, batch_size=args.batch_size, num_workers=args.workers)]).to(args.device)
 
 
 def make_loader(dataset, args):
@@ -154,13 +199,16 @@ def run(args) -> dict:
     input_size = tuple(data_config(reference)["input_size"])
     mode = args.mode or ("threshold" if trained is not None else "topk")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    loader, images = None, None
+    loader, images, calib = None, None, None
     if args.data and not args.flops_only:
         if trained is None and "dynvit" in methods:
             logger.warning("no trained predictors (dense checkpoint or --model): no dynvit row in an accuracy run")
             methods.remove("dynvit")
-        dataset, _ = load_data(args, reference, args.limit)
+        calibrating = trained is not None and (args.budget or args.sweep) and mode != "topk"
+        dataset, _, held_out = load_data(args, reference, args.limit,
+                                         args.calib_images if calibrating and not args.calib_split else 0)
         loader = make_loader(dataset, args)
+        calib = calibration_images(args, trained, held_out) if calibrating else None
         n = min(len(dataset), max(args.flops_images, args.speed_batch))
         images = torch.stack([dataset[i][0] for i in range(n)]).to(args.device)
     elif mode == "threshold" and trained is not None:
@@ -172,28 +220,52 @@ def run(args) -> dict:
     result = {"command": "python eval.py " + " ".join(shlex.quote(a) for a in args.argv),
               "machine": bench.machine_info(args.device), "input_size": list(input_size), "mode": mode}
     if args.sweep:
-        if mode != "topk":
-            logger.warning("the sweep sets the keep ratio, which only top-k mode follows: dynvit runs in topk mode")
-            common["mode"] = result["mode"] = "topk"
         result["sweep"] = []
         for r in args.sweep:
-            rows, _ = bench.compare(dense, keep_ratio=_ratio(r), images=flops_images, **common)
+            rows = bench.compare(dense, keep_ratio=_ratio(r), images=flops_images, **{**common, "mode": "topk"})[0]
+            if calib is not None:  # dynvit in calibrated threshold mode at the same budget, beside top-k
+                rows.insert(2, _calibrated_row(trained, calib, _ratio(r), dense, flops_images, common))
             for row in rows:
                 row["sweep_keep_ratio"] = r
+                if row["method"] == "dynvit":
+                    row["curve"] = "dynvit threshold (calibrated)" if row["mode"] == "threshold" else "dynvit top-k"
             result["sweep"].append({"keep_ratio": r, "rows": rows})
             print(f"\n### keep ratio {r}\n\n{bench.results_table(rows)}", flush=True)
         if args.plot:
             result["plot"] = save_accuracy_vs_gmacs(args.plot, [row for s in result["sweep"] for row in s["rows"]],
                                                     title=f"{_name(reference)}, {rows[0].get('images', 0)} images")
     else:
+        if args.budget and calib is not None:
+            thresholds = dynvit.calibrate(trained, calib, keep_ratio=_ratio(args.budget))
+            result["calibration"] = {"budget": args.budget, "images": len(calib), "thresholds": thresholds.tolist(),
+                                     "keep_ratio": list(trained.keep_ratio)}
         keep = _ratio(args.keep_ratio) if args.keep_ratio else None
         rows, _ = bench.compare(dense, keep_ratio=keep, images=flops_images, speed_images=images,
                                 batch_sizes=batch_sizes, repeats=args.repeats, **common)
         result["rows"] = rows
         print(_header(result, reference) + "\n\n" + bench.results_table(rows), flush=True)
+    if args.hist and trained is not None:
+        kept = bench.evaluate(trained, loader, mode=None if mode == "none" else mode, device=args.device).kept_tokens
+        result["hist"] = save_kept_histogram(args.hist, kept, trained.patch_embed.num_patches,
+                                             title=f"{_name(trained)}, {mode} mode, {len(kept)} images")
+        print(f"wrote {result['hist']}")
     result["json"] = bench.write_json(args.json, result)
     print(f"\nwrote {result['json']}")
     return result
+
+
+def _calibrated_row(model, calib, keep_ratio, dense, flops_images, common) -> dict:
+    """dynvit's row in threshold mode with thresholds calibrated to ``keep_ratio`` on ``calib``."""
+    thresholds = dynvit.calibrate(model, calib, keep_ratio=keep_ratio)
+    options = {**common, "methods": ("dense", "dynvit"), "mode": "threshold"}
+    row = bench.compare(dense, images=flops_images, **options)[0][1]
+    row.update(setting=f"threshold calibrated to {_fmt(model.keep_ratio)} on {len(calib)} images, {row['setting']}",
+               thresholds=thresholds.tolist())
+    return row
+
+
+def _fmt(values) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
 
 
 def _ratio(values):
@@ -213,6 +285,10 @@ def _header(result: dict, model) -> str:
     where = m.get("gpu") or m["processor"]
     text = (f"## {_name(model)} at {result['input_size'][1]}x{result['input_size'][2]}, dynvit {result['mode']} mode\n\n"
             f"Device {m['device']} ({where}), {m['threads']} threads, torch {m['torch']}, timm {m['timm']}")
+    if dynvit.is_patched(model) and result["mode"] == "threshold":
+        cal = result.get("calibration")
+        how = f"calibrated to {_fmt(cal['keep_ratio'])} on {cal['images']} held-out images" if cal else "as saved"
+        text += f"\n\nThreshold-mode logit thresholds per stage ({how}): {_fmt(model.keep_threshold.tolist())}"
     speed = result["rows"][0].get("speed", {})
     other = [f"{100 * s['other_cpu_share']:.0f}% at batch {bs}" for bs, s in speed.items() if s["other_cpu_share"] is not None]
     return text + (f"; CPU taken by other processes while timing: {', '.join(other)}" if other else "")
@@ -223,7 +299,7 @@ def visualize(args) -> dict:
     model = load_pretrained(args.checkpoint, device=args.device) if args.checkpoint else None
     if model is None or not dynvit.is_patched(model):
         raise SystemExit("--visualize needs the --checkpoint of a trained dynvit model")
-    dataset, classes = load_data(args, model, args.visualize)
+    dataset, classes, _ = load_data(args, model, args.visualize)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(args.device)
     labels = [target for _, target in dataset.samples]
     path = save_keep_mask_grid(args.out, model, images, labels=labels, class_names=classes, mode=args.mode or "threshold")

@@ -82,11 +82,11 @@ def measure(model, loader, calib: torch.Tensor, flops_images: torch.Tensor, keep
             model.keep_ratio = keep_ratio
         model.prune_mode = "topk" if mode == "topk" else "threshold"
         result = bench.evaluate(model, loader)
-        kept = [result["tokens_per_block"][b] / n0 for b in model.prune_loc]
+        kept = [result.tokens_per_block[b] / n0 for b in model.prune_loc]
         gmacs = dynvit.count_flops(model, input_size, images=flops_images)
-        rows.append({"mode": mode, "top1": result["top1"], "top5": result["top5"], "images": result["images"],
-                     "kept_fraction": kept, "target": list(model.keep_ratio), "gmacs": gmacs,
-                     "thresholds": model.keep_threshold.tolist()})
+        rows.append({"mode": mode, "top1": result.top1, "top5": result.top5, "images": result.images,
+                     "kept_fraction": kept, "kept_tokens": bench.kept_token_stats(result.kept_tokens),
+                     "target": list(model.keep_ratio), "gmacs": gmacs, "thresholds": model.keep_threshold.tolist()})
         model.keep_threshold.zero_()
     return rows
 

@@ -22,6 +22,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dynvit  # noqa: E402
 from dynvit import benchmark as bench  # noqa: E402
 from dynvit import count_flops  # noqa: E402
 
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     images = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(args.seed))
     kw = dict(prune_loc=[int(v) for v in args.prune_loc.split(",")], keep_ratio=args.keep_ratio)
     topk = bench.make_method(dense, "dynvit", prune_mode="topk", **kw)
-    threshold = bench.calibrate_threshold_(bench.make_method(dense, "dynvit", prune_mode="threshold", **kw), images)
+    threshold = bench.make_method(dense, "dynvit", prune_mode="threshold", **kw)
+    dynvit.calibrate(threshold, images)  # thresholds that keep the target fraction of these images
     models = {"dense": dense, "dynvit topk": topk, "dynvit threshold": threshold}
     gmacs = {"dense": count_flops(dense, size), "dynvit topk": count_flops(topk, size),
              "dynvit threshold": count_flops(threshold, size, images=images[: args.flops_images])}

@@ -6,7 +6,7 @@ All models are built from one randomly initialised dense model (speed does not d
 weights) and timed in this one process, repeats interleaved across models, warm-up discarded,
 median reported: dense, dynvit in top-k and in threshold mode, EViT and random dropping at the
 same stages and kept fractions, ToMe with ``r`` matched to dynvit's top-k GMACs. Untrained
-predictors are calibrated (their last bias) so that threshold mode keeps the target fraction
+predictors get thresholds from dynvit.calibrate so that threshold mode keeps the target fraction
 on the timed images. Timings on a busy machine are worthless: the script refuses to run when
 the 1-minute load average exceeds ``--max-load`` (override with ``--force``), and measures the
 CPU time other processes took while timing (printed with the table, and in the JSON).
@@ -24,6 +24,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dynvit  # noqa: E402
 from dynvit import benchmark as bench  # noqa: E402
 from dynvit import count_flops  # noqa: E402
 
@@ -39,7 +40,8 @@ def build(args) -> tuple[dict, dict, torch.Tensor]:
     loc = bench.default_prune_loc(len(dense.blocks))
     kw = dict(prune_loc=loc, keep_ratio=args.keep_ratio)
     topk = bench.make_method(dense, "dynvit", prune_mode="topk", **kw)
-    threshold = bench.calibrate_threshold_(bench.make_method(dense, "dynvit", prune_mode="threshold", **kw), images)
+    threshold = bench.make_method(dense, "dynvit", prune_mode="threshold", **kw)
+    dynvit.calibrate(threshold, images)  # thresholds that keep the target fraction of these images
     models = {"dense": dense, "dynvit topk": topk, "dynvit threshold": threshold,
               "evit": bench.make_method(dense, "evit", **kw), "random": bench.make_method(dense, "random", **kw)}
     info = {name: {"gmacs": count_flops(m, size)} for name, m in models.items() if name != "dynvit threshold"}

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["unnormalize", "masked_panels", "keep_mask_grid", "save_keep_mask_grid", "save_accuracy_vs_gmacs"]
+__all__ = ["unnormalize", "masked_panels", "keep_mask_grid", "save_keep_mask_grid", "save_accuracy_vs_gmacs",
+           "save_kept_histogram"]
 
 _log = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ def save_keep_mask_grid(path: str | os.PathLike, model: nn.Module, images: torch
 
 
 def save_accuracy_vs_gmacs(path: str | os.PathLike, rows: Sequence[dict], *, metric: str = "top1", title: str = "") -> str:
-    """Accuracy against GMACs, one line per method (rows of a sweep, each with ``method``,
-    ``gmacs`` and ``metric``), saved as a PNG; returns the path."""
+    """Accuracy against GMACs, one line per curve (rows of a sweep, each with ``gmacs``,
+    ``metric`` and a ``curve`` name, else its ``method``), saved as a PNG; returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +158,7 @@ def save_accuracy_vs_gmacs(path: str | os.PathLike, rows: Sequence[dict], *, met
     by_method: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         if metric in row:
-            by_method.setdefault(row["method"], []).append((row["gmacs"], row[metric]))
+            by_method.setdefault(row.get("curve") or row["method"], []).append((row["gmacs"], row[metric]))
     if not by_method:
         raise ValueError(f"no row has {metric!r}: accuracy needs evaluation data")
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -177,4 +178,40 @@ def save_accuracy_vs_gmacs(path: str | os.PathLike, rows: Sequence[dict], *, met
     fig.savefig(path, dpi=150)
     plt.close(fig)
     _log.info("saved the accuracy-vs-GMACs plot to %s", path)
+    return path
+
+
+def save_kept_histogram(path: str | os.PathLike, kept_tokens: torch.Tensor, num_patches: int, *, title: str = "") -> str:
+    """Histogram of the patch tokens each image keeps after each stage, saved as a PNG.
+
+    Args:
+        kept_tokens: ``(images, stages)`` kept counts (``dynvit.benchmark.Accuracy.kept_tokens``).
+        num_patches: patch tokens of an image before pruning (the x-axis ends there).
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if kept_tokens.ndim != 2 or kept_tokens.shape[1] == 0 or kept_tokens.shape[0] == 0:
+        raise ValueError(f"kept_tokens must be (images, stages) with at least one of each, got {tuple(kept_tokens.shape)}")
+    counts = kept_tokens.float().cpu()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = torch.arange(0, num_patches + 2).float() - 0.5
+    for s in range(counts.shape[1]):
+        c = counts[:, s]
+        ax.hist(c.numpy(), bins=bins.numpy(), alpha=0.55,
+                label=f"stage {s + 1}: mean {c.mean():.1f}, 5-95% {c.quantile(0.05):.0f}-{c.quantile(0.95):.0f}")
+    ax.set_xlabel(f"patch tokens kept per image (of {num_patches})")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    _log.info("saved the kept-token histogram of %d images to %s", len(counts), path)
     return path

@@ -101,11 +101,11 @@ def test_calibrated_threshold_keeps_the_target():
     dense = _tiny_dense()
     model = bench.make_method(dense, "dynvit", prune_loc=(1, 2), keep_ratio=(0.6, 0.3), prune_mode="threshold")
     images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    bench.calibrate_threshold_(model, images)
+    dynvit.calibrate(model, images)  # untrained predictors: only the thresholds place the budget
     with torch.no_grad():
         masks = model.forward_pruned(images).keep_masks
     kept = [float(m.float().mean()) for m in masks]
-    assert kept == pytest.approx([0.6, 0.3], abs=0.08)
+    assert kept == pytest.approx([0.6, 0.3], abs=0.01)
 
 
 def test_measure_speed_reports_medians():
@@ -133,7 +133,7 @@ def test_evaluate_counts_what_each_image_keeps():
     each image run alone, tokens per block their mean, top-k the same count for every image."""
     dense = _tiny_dense()
     model = dynvit.build_model("vit_tiny_patch16_224", prune_loc=(1, 2), keep_ratio=0.6, **TINY)
-    model.load_state_dict({**dense.state_dict(), **{k: v for k, v in model.state_dict().items() if "predictors" in k}})
+    model.load_state_dict({**dense.state_dict(), **{k: v for k, v in model.state_dict().items() if k not in dense.state_dict()}})
     randomize_(model.predictors, seed=3, scale=0.5)
     model.eval()
     g = torch.Generator().manual_seed(0)
@@ -202,7 +202,7 @@ def test_eval_on_real_images(checkpoints, tmp_path, capsys):
 
     # The dense row is the unpatched model on the same images.
     dense = load_pretrained(checkpoints / "dense")
-    dataset, _ = cli.load_data(cli.parse_args(["--model", "x", "--data", str(data), "--limit", "40"]), dense, 40)
+    dataset, _, _ = cli.load_data(cli.parse_args(["--model", "x", "--data", str(data), "--limit", "40"]), dense, 40)
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     y = torch.tensor([dataset.samples[i][1] for i in range(len(dataset))])
     with torch.no_grad():
@@ -222,6 +222,62 @@ def test_eval_on_real_images(checkpoints, tmp_path, capsys):
         assert row["gmacs_ratio"] == pytest.approx(row["gmacs"] / rows["dense"]["gmacs"])
         assert row["gmacs"] <= rows["dense"]["gmacs"] or name == "dynvit"
     assert max(rows[m]["gmacs"] for m in ("evit", "random")) < rows["dense"]["gmacs"]
+
+
+def test_budget_calibrates_on_held_out_images(checkpoints, tmp_path, capsys):
+    """--budget R: thresholds calibrated on images that are then left out of the measurement;
+    the kept fraction meets R on the measured images, per-image counts spread around it."""
+    out, hist = tmp_path / "eval.json", tmp_path / "kept.png"
+    cli = _eval_module()
+    cli.main(["--checkpoint", str(checkpoints / "dynvit"), "--data", str(cifar_dir("test")), "--methods", "dense,dynvit",
+              "--budget", "0.6", "--calib-images", "200", "--limit", "200", "--batch-size", "50", "--workers", "0",
+              "--flops-images", "4", "--no-speed", "--json", str(out), "--hist", str(hist)])
+    text = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert "calibrated to 0.60/0.36 on 200 held-out images" in text
+    cal, row = result["calibration"], result["rows"][1]
+    assert cal["images"] == 200 and len(cal["thresholds"]) == 2 and row["images"] == 200
+    kept = [k["mean"] / 16 for k in row["kept_tokens"]]
+    assert kept == pytest.approx([0.6, 0.36], abs=0.05)
+    assert row["kept_tokens"][0]["p5"] < row["kept_tokens"][0]["p95"], "threshold mode keeps per-image counts"
+    assert "kept per image" in text and hist.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the held-out images are not among the measured ones
+    dense = load_pretrained(checkpoints / "dense")
+    args = cli.parse_args(["--model", "x", "--data", str(cifar_dir("test"))])
+    measured, _, held = cli.load_data(args, dense, 200, hold_out=200)
+    paths = [{path for path, _ in ds.samples} for ds in (measured, held)]
+    assert not paths[0] & paths[1] and len(held) == 200 and len(measured) == 200
+
+
+def test_sweep_has_calibrated_threshold_beside_topk(checkpoints, tmp_path):
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    _eval_module().main(["--checkpoint", str(checkpoints / "dynvit"), "--data", str(cifar_dir("test")),
+                         "--methods", "dense,dynvit,random", "--sweep", "0.8,0.5", "--calib-images", "100", "--limit", "60",
+                         "--batch-size", "30", "--workers", "0", "--flops-images", "4", "--json", str(out), "--plot", str(png)])
+    sweep = json.loads(out.read_text())["sweep"]
+    for step in sweep:
+        curves = {r.get("curve", r["method"]): r for r in step["rows"]}
+        assert {"dynvit top-k", "dynvit threshold (calibrated)", "random", "dense"} <= set(curves)
+        calibrated, topk = curves["dynvit threshold (calibrated)"], curves["dynvit top-k"]
+        r = step["keep_ratio"]
+        assert calibrated["kept_tokens"][1]["mean"] / 16 == pytest.approx(r * r, abs=0.08)
+        assert topk["tokens_per_block"][2] == round(16 * r * r)
+    low, high = (sweep[1]["rows"], sweep[0]["rows"])
+    assert max(r["gmacs"] for r in low if r["method"] == "dynvit") < min(r["gmacs"] for r in high if r["method"] == "dynvit")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_budget_arguments_are_refused(checkpoints):
+    cli = _eval_module()
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--checkpoint", "x", "--data", "y", "--budget", "0.5", "--mode", "topk"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--checkpoint", "x", "--budget", "0.5"])  # no data
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--checkpoint", "x", "--data", "y", "--budget", "1.5"])
+    with pytest.raises(SystemExit, match="leaves no image"):
+        cli.main(["--checkpoint", str(checkpoints / "dynvit"), "--data", str(cifar_dir("test")), "--budget", "0.5",
+                  "--calib-images", "10000", "--workers", "0", "--no-speed", "--methods", "dense,dynvit"])
 
 
 def test_visualize_writes_png(checkpoints, tmp_path):

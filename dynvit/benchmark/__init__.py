@@ -11,12 +11,12 @@
 - :mod:`.report`: :func:`markdown_table`, :func:`results_table` and :func:`write_json`.
 """
 from .accuracy import Accuracy, evaluate, evaluate_modes, kept_token_stats
-from .compare import METHODS, calibrate_threshold_, compare, default_prune_loc, dense_backbone, make_method, match_tome_r
+from .compare import METHODS, compare, default_prune_loc, dense_backbone, make_method, match_tome_r
 from .report import markdown_table, results_table, write_json
 from .speed import OtherCpuUse, machine_info, measure_speed
 
 __all__ = [
-    "METHODS", "dense_backbone", "default_prune_loc", "make_method", "calibrate_threshold_", "evaluate",
+    "METHODS", "dense_backbone", "default_prune_loc", "make_method", "evaluate",
     "evaluate_modes", "Accuracy", "kept_token_stats", "match_tome_r", "measure_speed", "OtherCpuUse", "machine_info",
     "compare", "markdown_table", "results_table", "write_json",
 ]

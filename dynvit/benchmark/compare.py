@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from ..baselines import patch_evit, patch_random, patch_tome
+from ..calibrate import calibrate
 from ..flops import count_flops
 from ..patch import is_patched, patch
 from ..ratios import normalize_keep_ratio, normalize_prune_loc
 from .accuracy import evaluate, num_patches
 from .speed import measure_speed, tile
 
-__all__ = ["METHODS", "dense_backbone", "default_prune_loc", "make_method", "calibrate_threshold_", "match_tome_r",
+__all__ = ["METHODS", "dense_backbone", "default_prune_loc", "make_method", "match_tome_r",
            "compare"]
 
 _log = logging.getLogger(__name__)
@@ -90,38 +91,6 @@ def make_method(
     elif method == "random":
         patch_random(model, prune_loc=prune_loc, keep_ratio=keep_ratio, seed=seed)
     return model.eval()
-
-
-@torch.no_grad()
-def calibrate_threshold_(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> nn.Module:
-    """Shift each untrained predictor's last bias so threshold mode keeps ``model.keep_ratio``.
-
-    Untrained predictors output about the same logit for every token, so threshold mode would
-    keep nearly all or nearly none. For timing threshold mode without trained weights, stage
-    by stage the bias is moved to the quantile of the logits (over ``images``) that keeps the
-    target fraction of the tokens still present. The spread of kept counts across images is
-    then that of random weights, not of a trained model.
-    """
-    old_mode, model.prune_mode = model.prune_mode, "threshold"
-    for s, predictor in enumerate(model.predictors):
-        prev = model.keep_ratio[s - 1] if s else 1.0
-        keep = model.keep_ratio[s] / prev
-        seen: list[torch.Tensor] = []
-
-        def grab(module, args, out):
-            mask = args[1] if len(args) > 1 else None
-            seen.append(out.flatten() if mask is None else out[mask.bool()])
-
-        handle = predictor.register_forward_hook(grab)
-        try:
-            for chunk in images.split(batch_size):
-                model.forward_pruned(chunk)
-        finally:
-            handle.remove()
-        logits = torch.cat(seen).float()
-        predictor.out_mlp[-1].bias -= torch.quantile(logits, 1.0 - keep).to(predictor.out_mlp[-1].bias.dtype)
-    model.prune_mode = old_mode
-    return model
 
 
 # ---- GMACs --------------------------------------------------------------------------------
@@ -270,7 +239,7 @@ def _setup_dynvit(dense, model, wanted, prune_loc, keep_ratio, mode, images):
     if model is None and wanted:
         model = make_method(dense, "dynvit", prune_loc=loc, keep_ratio=0.7 if keep_ratio is None else keep_ratio)
         if mode == "threshold":
-            calibrate_threshold_(model, images)
+            calibrate(model, images)  # untrained predictors: thresholds for the target fraction
     elif model is not None and keep_ratio is not None:
         model.keep_ratio = keep_ratio
     if model is None:

@@ -22,6 +22,9 @@ def results_table(rows: Sequence[dict], prune_loc: Sequence[int] | None = None) 
     loc = list(prune_loc) if prune_loc else next((r["prune_loc"] for r in rows if "prune_loc" in r), [])
     header = ["method", "setting"] + (["top-1", "top-5"] if has_acc else [])
     header += ["GMACs", "GMACs ratio", "speed-up limit", f"tokens @ blocks {','.join(map(str, loc))}", "params (M)"]
+    spread = any(r.get("kept_tokens") for r in rows)
+    if spread:
+        header.append("kept per image, mean [p5-p95]")
     for bs in batch_sizes:
         header += [f"img/s b{bs}", f"speed-up b{bs}"]
     if batch_sizes:
@@ -33,6 +36,8 @@ def results_table(rows: Sequence[dict], prune_loc: Sequence[int] | None = None) 
             line += [f"{r['top1']:.2f}", f"{r['top5']:.2f}"] if "top1" in r else ["", ""]
         tokens = "/".join(f"{r['tokens_per_block'][b]:.1f}" for b in loc) if "tokens_per_block" in r else ""
         line += [f"{r['gmacs']:.4g}", f"{r['gmacs_ratio']:.3f}", f"{r['speedup_limit']:.2f}x", tokens, f"{r['params_m']:.2f}"]
+        if spread:
+            line.append(" / ".join(f"{k['mean']:.1f} [{k['p5']:.0f}-{k['p95']:.0f}]" for k in r.get("kept_tokens") or []))
         for bs in batch_sizes:
             s = r.get("speed", {}).get(str(bs))
             line += [f"{s['images_per_s']:.1f}", f"{s['speedup']:.2f}x"] if s else ["", ""]
