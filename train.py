@@ -142,6 +142,8 @@ def train(cfg: Config) -> dict:
         distill_logits_weight=cfg.loss.distill_logits_weight if reducing else 0.0,
         distill_tokens_weight=cfg.loss.distill_tokens_weight if pruning else 0.0,
         ratio_per=cfg.loss.ratio_per,
+        margin_weight=cfg.loss.margin_weight if pruning else 0.0,
+        margin=cfg.loss.margin,
     )
     model.to(accelerator.device)
     teacher = create_teacher(model) if criterion.needs_teacher else None  # frozen, never prepared

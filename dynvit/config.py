@@ -83,6 +83,8 @@ class LossConfig:
     distill_logits_weight: float = 0.5  # KL(teacher || student) of the class distributions
     distill_tokens_weight: float = 0.5  # MSE to the teacher's final tokens, on the kept patch tokens
     ratio_per: str = "image"  # keep-ratio target per image (DynamicViT) or per batch (images keep different counts)
+    margin_weight: float = 0.0  # hinge keeping keep logits at least loss.margin away from their threshold; 0 = off
+    margin: float = 1.0  # width of that hinge, in logits
 
 
 @dataclass
@@ -165,7 +167,7 @@ _POSITIVE = ("data.batch_size", "data.val_batch_size", "optim.lr", "optim.grad_a
 _NON_NEGATIVE = ("model.tome_r", "data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
                  "optim.warmup_epochs", "optim.backbone_freeze_epochs", "train.save_every_steps", "train.stop_after_steps",
                  "train.flops_images", "loss.cls_weight", "loss.ratio_weight", "loss.distill_logits_weight",
-                 "loss.distill_tokens_weight")
+                 "loss.distill_tokens_weight", "loss.margin_weight", "loss.margin")
 
 
 # ---- type coercion ----------------------------------------------------------------------

@@ -9,7 +9,11 @@
 * ``distill_logits``: ``KL(teacher || student)`` of the class distributions (temperature 1,
   batch mean), as DynamicViT;
 * ``distill_tokens``: mean squared error between the student's and the teacher's final
-  (normed) patch tokens, over the tokens the student kept.
+  (normed) patch tokens, over the tokens the student kept;
+* ``margin``: how far decisions sit from their threshold, ``relu(margin - |logit - threshold|)``
+  averaged over the tokens a stage decides on. Once training masks are the deterministic
+  threshold decisions (noise scale 0), nothing else keeps logits away from the threshold, and
+  a step of the ratio term then flips many decisions at once; this term keeps them decisive.
 
 Nothing here synchronises with the device: no ``.item()``, no boolean indexing.
 """
@@ -24,7 +28,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 __all__ = ["LossTerms", "PruningLoss", "classification_criterion", "keep_ratio_loss", "distill_logits_loss",
-           "distill_tokens_loss"]
+           "distill_tokens_loss", "decision_margin_loss"]
 
 
 @dataclass
@@ -34,6 +38,7 @@ class LossTerms:
     ratio: torch.Tensor  # keep-ratio regulariser (unweighted)
     distill_logits: torch.Tensor  # KL to the teacher's logits (unweighted)
     distill_tokens: torch.Tensor  # MSE to the teacher's kept tokens (unweighted)
+    margin: torch.Tensor  # decision margin hinge (unweighted)
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -90,6 +95,34 @@ def distill_tokens_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torc
     return (per_token * w).sum() / w.sum().clamp_min(1.0)
 
 
+def decision_margin_loss(
+    keep_logits: Sequence[torch.Tensor],
+    keep_masks: Sequence[torch.Tensor],
+    thresholds: torch.Tensor | None = None,
+    margin: float = 1.0,
+) -> torch.Tensor:
+    """Mean over stages of ``relu(margin - |logit - threshold|)`` over the tokens each stage
+    decides on (those kept by the stage before).
+
+    Args:
+        keep_logits: per stage ``(B, N0)`` predictor logits.
+        keep_masks: per stage ``(B, N0)`` cumulative keep masks (the previous stage's mask
+            selects the tokens stage ``s`` decides on).
+        thresholds: ``(stages,)`` logit thresholds; None = 0 (keep probability 0.5).
+        margin: the distance from the threshold below which a decision is penalised.
+    """
+    terms = []
+    for s, logits in enumerate(keep_logits):
+        gap = logits.float() - (thresholds[s].float() if thresholds is not None else 0.0)
+        hinge = torch.relu(margin - gap.abs())
+        if s == 0:
+            terms.append(hinge.mean())
+        else:
+            alive = (keep_masks[s - 1].detach() > 0.5).float()
+            terms.append((hinge * alive).sum() / alive.sum().clamp_min(1.0))
+    return torch.stack(terms).mean()
+
+
 class PruningLoss(nn.Module):
     """DynamicViT's loss with named terms; DynamicViT's DeiT weights are the defaults.
 
@@ -99,6 +132,7 @@ class PruningLoss(nn.Module):
             dense model (the ratio term is then 0).
         cls_weight, ratio_weight, distill_logits_weight, distill_tokens_weight: term weights.
         ratio_per: ``image`` or ``batch``, see :func:`keep_ratio_loss`.
+        margin_weight, margin: weight and width of :func:`decision_margin_loss` (0: off).
     """
 
     def __init__(
@@ -111,9 +145,12 @@ class PruningLoss(nn.Module):
         distill_logits_weight: float = 0.5,
         distill_tokens_weight: float = 0.5,
         ratio_per: str = "image",
+        margin_weight: float = 0.0,
+        margin: float = 1.0,
     ):
         super().__init__()
         self.ratio_per = ratio_per
+        self.margin_weight, self.margin = margin_weight, margin
         self.criterion = criterion
         self.keep_ratio = tuple(float(r) for r in keep_ratio)
         self.cls_weight = cls_weight
@@ -156,10 +193,14 @@ class PruningLoss(nn.Module):
                 raise ValueError("distill_tokens_weight > 0 needs teacher_tokens and a training output with tokens")
             p = num_prefix_tokens
             distill_tokens = distill_tokens_loss(output.tokens[:, p:], teacher_tokens[:, p:], output.token_mask)
+        margin = zero
+        if self.margin_weight > 0 and output.keep_logits:
+            margin = decision_margin_loss(output.keep_logits, output.keep_masks, output.keep_thresholds, self.margin)
         total = (
             self.cls_weight * cls
             + self.ratio_weight * ratio
             + self.distill_logits_weight * distill_logits
             + self.distill_tokens_weight * distill_tokens
+            + self.margin_weight * margin
         )
-        return LossTerms(total, cls, ratio, distill_logits, distill_tokens)
+        return LossTerms(total, cls, ratio, distill_logits, distill_tokens, margin)

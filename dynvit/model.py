@@ -45,6 +45,7 @@ class PruningOutput:
     keep_logits: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, N0) predictor logits; -inf where absent (pruned path)
     tokens: torch.Tensor | None = None  # (B, P + N0, C) final normed tokens (training path)
     token_mask: torch.Tensor | None = None  # (B, N0) final cumulative keep mask (training path)
+    keep_thresholds: torch.Tensor | None = None  # (stages,) logit thresholds the decisions used (training path)
 
 
 class DynViTMixin:
@@ -243,7 +244,7 @@ class DynViTMixin:
                 x = self._run_block(self._masked_block, i, blk, x, rope, token_mask, bias)
         x = self.norm(x)
         weight = mask if size is None else mask * size
-        return PruningOutput(self._head(x, weight), keep_masks, keep_logits, x, mask)
+        return PruningOutput(self._head(x, weight), keep_masks, keep_logits, x, mask, self.keep_threshold.detach())
 
     def _run_block(self, fn, *args):
         # Honour timm's set_grad_checkpointing() in the training path.
