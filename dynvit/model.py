@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
 from .ratios import check_prune_mode, normalize_keep_ratio
-from .tokens import batch_gather, num_kept, threshold_indices, topk_indices
+from .tokens import batch_gather, gather_tokens, num_kept, threshold_indices, topk_indices
 
 __all__ = ["PruningOutput", "DynViTMixin", "TrainingModel"]
 
@@ -139,7 +139,7 @@ class DynViTMixin:
         if self.prune_mode == "none":
             self.check_input(x)
             return super().forward(x)
-        return self.forward_pruned(x).logits
+        return self.forward_pruned(x, masks=False).logits
 
     def forward_train(self, x: torch.Tensor, tau: float = 1.0, masks: list[torch.Tensor] | None = None) -> PruningOutput:
         """Masked path: all tokens are computed, dropped ones are hidden from attention.
@@ -178,13 +178,14 @@ class DynViTMixin:
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def forward_pruned(self, x: torch.Tensor, mode: str | None = None) -> PruningOutput:
+    def forward_pruned(self, x: torch.Tensor, mode: str | None = None, *, masks: bool = True) -> PruningOutput:
         """Real pruning: kept tokens are gathered and later blocks run on them alone.
 
         ``topk`` keeps ``round(keep_ratio[s] * N0)`` tokens at stage ``s`` for every image.
         ``threshold`` keeps the tokens whose keep probability is > 0.5 (at least one); a
         batch is padded to its largest count and the padding is masked out of attention and
-        pooling, so each image gets the logits it would get alone.
+        pooling, so each image gets the logits it would get alone. ``masks=False`` skips the
+        ``keep_masks`` bookkeeping (``forward`` needs the logits only).
         """
         mode = check_prune_mode(mode or self.prune_mode)
         x = self._embed(x)
@@ -194,7 +195,7 @@ class DynViTMixin:
             x = self.norm(self.blocks(x))
             return PruningOutput(self.forward_head(x))
         stage_of = self._stage_of_block()
-        position = torch.arange(n0, device=x.device).expand(B, n0)  # original index of each patch token
+        position = torch.arange(n0, device=x.device).expand(B, n0) if masks else None  # original patch index
         valid = None  # (B, N) False for padding; None when there is none
         keep_masks = []
         for i, blk in enumerate(self.blocks):
@@ -207,11 +208,12 @@ class DynViTMixin:
                     index, valid = threshold_indices(logits, valid)
                     if B == 1:
                         valid = None  # a single image is never padded
-                x = torch.cat([x[:, :p], batch_gather(x[:, p:], index)], dim=1)
-                position = batch_gather(position, index)
-                kept = torch.zeros(B, n0, dtype=torch.bool, device=x.device)
-                src = torch.ones_like(position, dtype=torch.bool) if valid is None else valid
-                keep_masks.append(kept.scatter(1, position, src))
+                x = gather_tokens(x, index, p)
+                if masks:
+                    position = batch_gather(position, index)
+                    kept = torch.zeros(B, n0, dtype=torch.bool, device=x.device)
+                    src = torch.ones_like(position, dtype=torch.bool) if valid is None else valid
+                    keep_masks.append(kept.scatter(1, position, src))
             if valid is None:
                 x = blk(x)
             else:

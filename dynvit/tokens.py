@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["batch_gather", "topk_indices", "threshold_indices", "num_kept"]
+__all__ = ["batch_gather", "gather_tokens", "topk_indices", "threshold_indices", "num_kept"]
 
 
 def batch_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -21,6 +21,24 @@ def batch_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return torch.gather(x, 1, index)
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The prefix tokens of ``x`` followed by its patch tokens ``index``, in one gather.
+
+    Args:
+        x: ``(B, P + N, C)`` tokens, the ``P = num_prefix_tokens`` prefix tokens first.
+        index: ``(B, K)`` indices into the patch tokens (``0 <= index < N``).
+
+    Returns:
+        ``(B, P + K, C)``; equals ``cat([x[:, :P], batch_gather(x[:, P:], index)], 1)`` without
+        copying the gathered tokens a second time.
+    """
+    p = num_prefix_tokens
+    if p:
+        prefix = torch.arange(p, device=index.device, dtype=index.dtype).expand(index.shape[0], p)
+        index = torch.cat([prefix, index + p], dim=1)
+    return batch_gather(x, index)
 
 
 def num_kept(fraction: float, total: int) -> int:
