@@ -172,21 +172,27 @@ class _KeyBiasAttention(torch.autograd.Function):
         if not need_bias:
             dq, dk, dv = _CPU_FLASH_BACKWARD(grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
             return dq, dk, dv, None, None, None
-        dq, dk, dv = _CPU_FLASH_BACKWARD(
-            F.pad(grad_out, (0, 1)), F.pad(q, (0, 1), value=1.0), F.pad(k, (0, 1)), F.pad(v, (0, 1)),
-            F.pad(out, (0, 1)), lse, 0.0, False, attn_mask=bias, scale=scale,
-        )
-        column = dk[..., -1].float().sum(dim=1) / scale  # (B, N): sum over heads and queries of dS
+        # One extra channel: 1 in the queries, 0 in the keys (logits unchanged), 0 in the output
+        # gradient (so the values' and the output's extra channel never count).
+        b, h, n, d = q.shape
+        wide = q.new_empty(5, b, n, h, d + 1)  # (B, N, H, D + 1) memory, the layout the kernel likes
+        for i, t in enumerate((q, k, v, out, grad_out)):
+            wide[i, ..., :d].copy_(t.transpose(1, 2))
+        wide[..., d].zero_()
+        wide[0, ..., d] = 1.0
+        q1, k1, v1, out1, grad1 = wide.transpose(2, 3).unbind(0)
+        dq, dk, dv = _CPU_FLASH_BACKWARD(grad1, q1, k1, v1, out1, lse, 0.0, False, attn_mask=bias, scale=scale)
+        column = dk[..., d].sum(dim=1, dtype=torch.float32) / scale  # (B, N): sum over heads and queries of dS
         d_key_bias = column if ctx.needs_input_grad[3] else None
         d_mask_bias = None
         if ctx.needs_input_grad[4]:
-            qf, kf, vf, of, gf = (t.float() for t in (q, k, v, out, grad_out))
-            logit = scale * (qf * kf).sum(-1)  # (B, H, N) diagonal logits
+            # dS_jj = P_jj (dO_j . v_j - dO_j . O_j), P_jj from the diagonal logit and the log-sum-exp.
+            logit = torch.linalg.vecdot(q1, k1, dim=-1).float() * scale  # the extra channel adds 1 * 0
             if key_bias is not None:
                 logit = logit + key_bias.float()[:, None, :]
-            diag = torch.exp(logit - lse) * ((gf * (vf - of)).sum(-1))  # dS_jj = P_jj (dO_j . v_j - dO_j . O_j)
+            diag = torch.exp(logit - lse) * torch.linalg.vecdot(grad1, v1 - out1, dim=-1).float()
             d_mask_bias = column - diag.sum(dim=1)
-        return dq[..., :-1], dk[..., :-1], dv[..., :-1], d_key_bias, d_mask_bias, None
+        return dq[..., :d], dk[..., :d], dv[..., :d], d_key_bias, d_mask_bias, None
 
 
 def _common_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
