@@ -15,6 +15,9 @@ Per model, in one process, with the pieces train.py uses (the DynamicViT preset 
 * **fine-tune, explicit attention**: the same with the explicit float32 softmax in the
   masked blocks and the teacher under ``no_grad`` (the attention and teacher of the previous
   version; the predictor is the current one);
+* **fine-tune, dropping**: the fine-tune step with ``TrainingModel(model, drop_tokens=True)``
+  (dropped tokens removed after the first block of each stage; untrained predictors keep
+  about the target fractions);
 * **teacher forward**: the teacher's share of a fine-tune step.
 
 Data loading, Mixup, EMA and logging are left out (the same for both kinds of step). Every
@@ -49,7 +52,6 @@ from dynvit.config import load_config  # noqa: E402
 from dynvit.losses import PruningLoss, classification_criterion  # noqa: E402
 from dynvit.training import DenseTrainingModel, create_model, create_teacher, param_groups  # noqa: E402
 
-KINDS = ("dense", "fine-tune", "fine-tune, explicit attention", "teacher forward")
 
 
 @contextlib.contextmanager
@@ -89,6 +91,7 @@ def make_steps(name: str, batch: int, mixed_precision: str, explicit: bool) -> d
     model = create_model(cfg, num_classes).train()
     teacher = create_teacher(model, torch.bfloat16 if mixed_precision == "bf16" else None)
     net, opt = dynvit.TrainingModel(model), optimizer(model, cfg)
+    dropping_net = dynvit.TrainingModel(model, drop_tokens=True)
     loss = PruningLoss(criterion_cls, model.keep_ratio, cls_weight=cfg.loss.cls_weight,
                        ratio_weight=cfg.loss.ratio_weight, distill_logits_weight=cfg.loss.distill_logits_weight,
                        distill_tokens_weight=cfg.loss.distill_tokens_weight)
@@ -106,9 +109,9 @@ def make_steps(name: str, batch: int, mixed_precision: str, explicit: bool) -> d
             tokens = teacher.forward_features(images)
             return teacher.forward_head(tokens), tokens
 
-    def fine_tune_step(old: bool = False):
+    def fine_tune_step(old: bool = False, dropping: bool = False):
         with autocast:
-            out = net(images, 1.0)
+            out = (dropping_net if dropping else net)(images, 1.0)
             t_logits, t_tokens = teacher_forward(no_grad=old)
             terms = loss(out, target, t_logits, t_tokens, p)
         terms.total.backward()
@@ -119,7 +122,8 @@ def make_steps(name: str, batch: int, mixed_precision: str, explicit: bool) -> d
         with explicit_attention():
             fine_tune_step(old=True)
 
-    steps = {"dense": dense_step, "fine-tune": fine_tune_step, "teacher forward": teacher_forward}
+    steps = {"dense": dense_step, "fine-tune": fine_tune_step,
+             "fine-tune, dropping": functools.partial(fine_tune_step, dropping=True), "teacher forward": teacher_forward}
     if explicit:
         steps["fine-tune, explicit attention"] = old_step
     return steps
@@ -170,13 +174,16 @@ def main(argv: list[str] | None = None) -> None:
                     args.min_seconds, args.warmup)
         s = r["seconds"]
         rows[name] = r
-        line = [name, f"{s['dense']:.2f}", f"{s['fine-tune']:.2f}", f"{s['fine-tune'] / s['dense']:.2f}x"]
+        line = [name, f"{s['dense']:.2f}"]
+        for kind in ("fine-tune", "fine-tune, dropping"):
+            line += [f"{s[kind]:.2f}", f"{s[kind] / s['dense']:.2f}x"]
         if args.explicit:
             old = s["fine-tune, explicit attention"]
             line += [f"{old:.2f}", f"{old / s['dense']:.2f}x"]
         line += [f"{s['teacher forward']:.2f}", f"{100 * (r['other_cpu_share'] or 0):.0f}%"]
         lines.append(line)
-    header = ["model", "dense step (s)", "fine-tune step (s)", "fine-tune / dense"]
+    header = ["model", "dense step (s)", "fine-tune step (s)", "fine-tune / dense", "dropping step (s)",
+              "dropping / dense"]
     if args.explicit:
         header += ["explicit attention (s)", "explicit / dense"]
     header += ["teacher forward (s)", "CPU taken by others"]

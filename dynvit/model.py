@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
 from .ratios import check_prune_mode, normalize_keep_ratio
-from .tokens import batch_gather, gather_tokens, num_kept, threshold_indices, topk_indices
+from .tokens import batch_gather, compact_indices, gather_tokens, num_kept, threshold_indices, topk_indices
 
 __all__ = ["PruningOutput", "DynViTMixin", "TrainingModel"]
 
@@ -172,6 +172,60 @@ class DynViTMixin:
         x = self.norm(x)
         return PruningOutput(self._head(x, mask), keep_masks, keep_logits, x, mask)
 
+    def forward_train_dropping(
+        self, x: torch.Tensor, tau: float = 1.0, masks: list[torch.Tensor] | None = None
+    ) -> PruningOutput:
+        """Masked path that really drops: after the first block of each stage, the tokens it
+        dropped are removed, and later blocks run on the kept ones (a batch padded to its
+        largest count, the padding masked out of attention).
+
+        Same arguments and output as :meth:`forward_train` (masks, logits and tokens indexed
+        by original patch position; logits of tokens dropped at an earlier stage are -inf).
+        For the same decisions the logits, the loss and the backbone's gradients are those of
+        :meth:`forward_train`: dropped tokens are hidden from kept ones in both. The keep mask
+        of a kept token still gets gradient from every later block (it stays in their
+        attention as a bias); that of a dropped token only from the first block of its stage.
+        """
+        if masks is not None and len(masks) != len(self.prune_loc):
+            raise ValueError(f"got {len(masks)} masks for {len(self.prune_loc)} stages")
+        x = self._embed(x)
+        B, p = x.shape[0], self.num_prefix_tokens
+        n0 = x.shape[1] - p
+        stage_of = self._stage_of_block()
+        position = torch.arange(n0, device=x.device).expand(B, n0)  # original index of each current patch token
+        mask = None  # (B, N) cumulative keep mask of the current patch tokens; 0 for dropped and padding
+        keep_masks, keep_logits = [], []
+
+        def full(values: torch.Tensor, fill: float) -> torch.Tensor:  # (B, N) current -> (B, N0) original order
+            return values.new_full((B, n0), fill).scatter(1, position, values)
+
+        for i, blk in enumerate(self.blocks):
+            s = stage_of.get(i)
+            if s is not None:
+                logits = self.predictors[s](x[:, p:], mask)
+                if masks is None:
+                    decision = sample_keep_mask(logits, tau, self.sampler)
+                else:
+                    decision = batch_gather(masks[s].to(logits.dtype), position)
+                mask = decision if mask is None else decision * mask
+                keep_masks.append(full(mask, 0.0))
+                keep_logits.append(full(logits, float("-inf")))
+            if mask is None:
+                x = self._run_block(blk, x)
+                continue
+            x = self._run_block(masked_block, blk, x, torch.cat([mask.new_ones(B, p), mask], dim=1))
+            if s is not None:  # drop for real after the stage's first block
+                keep = mask.detach() > 0
+                keep[:, :1] |= ~keep.any(dim=1, keepdim=True)  # at least one slot per image
+                index, valid = compact_indices(keep)
+                x = gather_tokens(x, index, p)
+                mask = torch.where(valid, batch_gather(mask, index), 0.0)  # padding: 0, no gradient
+                position = batch_gather(position, index)
+        x = self.norm(x)
+        logits = self._head(x, mask)
+        tokens = x.new_zeros(B, n0, x.shape[-1]).scatter(1, position.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, p:])
+        return PruningOutput(logits, keep_masks, keep_logits, torch.cat([x[:, :p], tokens], dim=1), full(mask, 0.0))
+
     def _run_block(self, fn, *args):
         # Honour timm's set_grad_checkpointing() in the training path.
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -228,13 +282,22 @@ class TrainingModel(nn.Module):
 
     Hand this to ``accelerator.prepare``: DDP synchronises gradients only for work done
     through the wrapped module's ``forward``.
+
+    Args:
+        model: a model patched by :func:`dynvit.patch` or built by :func:`dynvit.build_model`.
+        drop_tokens: run :meth:`DynViTMixin.forward_train_dropping` (dropped tokens are
+            removed after the first block of each stage: a cheaper step) instead of
+            :meth:`DynViTMixin.forward_train`.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, drop_tokens: bool = False):
         super().__init__()
         if not isinstance(model, DynViTMixin):
             raise TypeError("TrainingModel needs a model patched by dynvit.patch or built by dynvit.build_model")
         self.model = model
+        self.drop_tokens = drop_tokens
 
     def forward(self, x: torch.Tensor, tau: float = 1.0, masks: list[torch.Tensor] | None = None) -> PruningOutput:
+        if self.drop_tokens:
+            return self.model.forward_train_dropping(x, tau=tau, masks=masks)
         return self.model.forward_train(x, tau=tau, masks=masks)
