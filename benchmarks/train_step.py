@@ -24,7 +24,9 @@ Data loading, Mixup, EMA and logging are left out (the same for both kinds of st
 kind is warmed up, then the repeats go round the kinds in turn so a change in machine load
 hits all of them, and the median is reported with the share of the CPUs that other
 processes took while timing (:class:`dynvit.benchmark.OtherCpuUse`); figures taken while
-others used more than 5% are not for publishing.
+others used more than 5% are not for publishing. Each ratio also comes as a ratio of this
+process's CPU time (in brackets): with ``--threads 1`` that is the work a step does, which a
+busy machine distorts far less than the wall time.
 """
 from __future__ import annotations
 
@@ -130,7 +132,9 @@ def make_steps(name: str, batch: int, mixed_precision: str, explicit: bool) -> d
 
 
 def measure(steps: dict, repeats: int, min_seconds: float, warmup: int) -> dict:
-    """Seconds per call of each closure: warm-up, then interleaved repeats, median."""
+    """Wall and CPU seconds per call of each closure: warm-up, then interleaved repeats,
+    medians. The CPU time (this process, all threads) is a second opinion on a busy machine:
+    with one thread it is the work a step does, whatever else runs."""
     calls = {}
     for name, fn in steps.items():
         for _ in range(warmup):
@@ -138,15 +142,18 @@ def measure(steps: dict, repeats: int, min_seconds: float, warmup: int) -> dict:
         t0 = time.perf_counter()
         fn()
         calls[name] = max(1, round(min_seconds / (time.perf_counter() - t0)))
-    times = {name: [] for name in steps}
+    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
     with OtherCpuUse() as other:
         for _ in range(repeats):
             for name, fn in steps.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(calls[name]):
                     fn()
-                times[name].append((time.perf_counter() - t0) / calls[name])
-    return {"seconds": {n: statistics.median(t) for n, t in times.items()}, "repeats": times, "calls": calls,
+                wall[name].append((time.perf_counter() - t0) / calls[name])
+                cpu[name].append((time.process_time() - c0) / calls[name])
+    return {"seconds": {n: statistics.median(t) for n, t in wall.items()},
+            "cpu_seconds": {n: statistics.median(t) for n, t in cpu.items()},
+            "repeats": wall, "cpu_repeats": cpu, "calls": calls,
             "other_cpu_share": other.share, "steal_share": other.steal}
 
 
@@ -169,23 +176,20 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     rows, lines = {}, []
+    kinds = ["fine-tune", "fine-tune, dropping"] + (["fine-tune, explicit attention"] if args.explicit else [])
     for name in args.models:
         r = measure(make_steps(name, args.batch, args.mixed_precision, args.explicit), args.repeats,
                     args.min_seconds, args.warmup)
-        s = r["seconds"]
         rows[name] = r
+        s, c = r["seconds"], r["cpu_seconds"]
         line = [name, f"{s['dense']:.2f}"]
-        for kind in ("fine-tune", "fine-tune, dropping"):
-            line += [f"{s[kind]:.2f}", f"{s[kind] / s['dense']:.2f}x"]
-        if args.explicit:
-            old = s["fine-tune, explicit attention"]
-            line += [f"{old:.2f}", f"{old / s['dense']:.2f}x"]
+        for kind in kinds:
+            line += [f"{s[kind]:.2f}", f"{s[kind] / s['dense']:.2f}x ({c[kind] / c['dense']:.2f}x)"]
         line += [f"{s['teacher forward']:.2f}", f"{100 * (r['other_cpu_share'] or 0):.0f}%"]
         lines.append(line)
-    header = ["model", "dense step (s)", "fine-tune step (s)", "fine-tune / dense", "dropping step (s)",
-              "dropping / dense"]
-    if args.explicit:
-        header += ["explicit attention (s)", "explicit / dense"]
+    header = ["model", "dense step (s)"]
+    for kind, short in zip(kinds, ["fine-tune", "dropping", "explicit attention"]):
+        header += [f"{short} step (s)", f"{short} / dense (CPU time)"]
     header += ["teacher forward (s)", "CPU taken by others"]
     info = machine_info()
     command = "python benchmarks/train_step.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
