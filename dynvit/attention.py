@@ -43,10 +43,12 @@ __all__ = [
     "masked_block",
 ]
 
-# Log of the weight a dropped key keeps in masked_attention: exp(-24) = 3.8e-11 of a kept
-# key's weight, far below float32 rounding of the kept tokens' outputs, while the dropped
-# key's probability (and so the mask gradient derived from it) stays a normal float32 for
-# any logit gap below about 60. An integer, so it is exact in bfloat16 too.
+# Log of the weight a dropped key keeps in masked_attention (2e-22 of a kept key's). A kept
+# token's output moves by about exp(gap - 50) for a dropped key whose logit is `gap` above
+# the kept ones' (below float32 rounding for gaps up to 30; -24 already failed at gaps near
+# 30, which trained ViTs reach). The dropped key's probability, from which its mask
+# gradient is read, stays a normal float32 unless its logit is 37 below the row's
+# log-sum-exp, where its gradient is negligible anyway. An integer: exact in bfloat16.
 LOG_EPS = -50.0
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -187,15 +189,16 @@ class _KeyBiasAttention(torch.autograd.Function):
         d_mask_bias = None
         if ctx.needs_input_grad[4]:
             # dS_jj = P_jj (dO_j . v_j - dO_j . O_j), P_jj from the diagonal logit and the log-sum-exp.
-            logit = torch.linalg.vecdot(q1, k1, dim=-1).float() * scale  # the extra channel adds 1 * 0
+            # Products in the inputs' dtype, sums in float32: no full-size float32 copies.
+            logit = torch.sum(q1 * k1, dim=-1, dtype=torch.float32) * scale  # the extra channel adds 1 * 0
             if key_bias is not None:
                 logit = logit + key_bias.float()[:, None, :]
-            diag = torch.exp(logit - lse) * torch.linalg.vecdot(grad1, v1 - out1, dim=-1).float()
+            diag = torch.exp(logit - lse) * torch.sum(grad1 * (v1 - out1), dim=-1, dtype=torch.float32)
             d_mask_bias = column - diag.sum(dim=1)
         return dq[..., :d], dk[..., :d], dv[..., :d], d_key_bias, d_mask_bias, None
 
 
-def _common_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+def _common_dtype(v: torch.Tensor) -> torch.dtype:
     # What SDPA would compute in: the autocast dtype if autocast is on (q and k can come out
     # of a float32 q/k-norm), else the values' dtype.
     device = v.device.type
@@ -225,7 +228,7 @@ def masked_attention(
         key_bias: ``(B, N)`` additive logit bias of each key, possibly carrying gradient.
         dropout_p: attention dropout probability (0 outside training).
     """
-    dtype = _common_dtype(q, v)
+    dtype = _common_dtype(v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     mask_bias = None if key_mask is None else mask_log_weight(key_mask)
     bias_grad = any(b is not None and b.requires_grad for b in (mask_bias, key_bias)) and torch.is_grad_enabled()

@@ -212,3 +212,20 @@ def test_a_short_training_run_matches_the_explicit_path(monkeypatch, tmp_path):
         # Per tensor, not per element: AdamW also magnifies noise in a few near-zero gradients.
         # A wrong mask gradient moves the predictors by about lr / |w| = 5e-2.
         assert rel_err(a, b) < 1e-5, key
+
+
+def test_masked_block_under_bf16_autocast_follows_float32():
+    blk = block(**OPTIONS["qk_norm"]).train()  # q/k-norm gives float32 q, k next to bfloat16 v
+    g = torch.Generator().manual_seed(4)
+    x0, mask0 = torch.randn(2, 9, 32, generator=g), torch.tensor([[1.0, 1, 0, 1, 0, 1, 1, 0, 1]] * 2)
+    results = {}
+    for name, explicit, dtype in (("truth", True, None), ("explicit", True, torch.bfloat16), ("fused", False, torch.bfloat16)):
+        blk.zero_grad()
+        mask = mask0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            out = masked_block(blk, x0, mask, explicit=explicit)
+        (out.float() * mask0[..., None]).square().sum().backward()
+        results[name] = [out.float() * mask0[..., None], mask.grad, blk.attn.qkv.weight.grad.clone()]
+    for i, what in enumerate(["out", "dmask", "dW"]):
+        old, new = rel_err(results["explicit"][i], results["truth"][i]), rel_err(results["fused"][i], results["truth"][i])
+        assert new < max(2 * old, 0.03), what
