@@ -8,6 +8,8 @@ passes have their own names:
   sample keep masks, a dropped token stays dropped, and the mask gates attention.
 * :meth:`DynViTMixin.forward_pruned`: the real pruning path. Kept tokens are gathered and
   the later blocks run on them alone.
+* :meth:`DynViTMixin.forward_train_dropping`: the masked path until the first block of each
+  stage, then gathered like the pruning path (a cheaper training step).
 """
 from __future__ import annotations
 
@@ -45,8 +47,9 @@ class DynViTMixin:
 
     - ``forward`` returns logits; in eval mode it prunes tokens per ``prune_mode``
       (``threshold``, ``topk`` or ``none``), in train mode it runs the masked path at tau 1.
-    - adds ``forward_train`` (masked path, :class:`PruningOutput`) and ``forward_pruned``
-      (gathering path, :class:`PruningOutput`).
+    - adds ``forward_train`` (masked path, :class:`PruningOutput`), ``forward_pruned``
+      (gathering path, :class:`PruningOutput`) and ``forward_train_dropping`` (masked, then
+      gathering after each stage's first block, :class:`PruningOutput`).
     - adds ``predictors`` (one :class:`~dynvit.predictor.TokenPredictor` per stage) and the
       settings ``prune_loc``, ``keep_ratio``, ``prune_mode``, ``sampler``.
     """
