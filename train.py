@@ -146,10 +146,13 @@ def train(cfg: Config) -> dict:
         margin=cfg.loss.margin,
     )
     model.to(accelerator.device)
-    teacher = create_teacher(model) if criterion.needs_teacher else None  # frozen, never prepared
+    # Frozen, never prepared; in bf16 when the student trains in bf16 (it runs under autocast anyway).
+    teacher_dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None
+    teacher = create_teacher(model, teacher_dtype) if criterion.needs_teacher else None
     if teacher is not None and not (cfg.model.pretrained or cfg.model.pretrained_path):
         logger.warning("the teacher is the randomly initialised starting model: distillation terms teach nothing")
-    training_model = dynvit.TrainingModel(model) if pruning else DenseTrainingModel(model)
+    training_model = (dynvit.TrainingModel(model, drop_tokens=cfg.model.drop_tokens) if pruning
+                      else DenseTrainingModel(model))
 
     # Optimizer and schedules, all functions of the global step.
     steps_per_epoch = len(train_loader) // accelerator.num_processes // accum  # each process gets 1/n of the batches
@@ -211,7 +214,7 @@ def train(cfg: Config) -> dict:
                     out = training_model(images, tau, noise_scale=noise_scale)
                     t_logits = t_tokens = None
                     if teacher is not None:
-                        with torch.no_grad():
+                        with torch.inference_mode():  # one forward per batch, no autograd bookkeeping
                             t_tokens = teacher.forward_features(images)
                             t_logits = teacher.forward_head(t_tokens)
                     terms = criterion(out, target, t_logits, t_tokens, model.num_prefix_tokens)

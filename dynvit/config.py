@@ -38,6 +38,7 @@ class ModelConfig:
     sampler: str = "gumbel"  # training-time mask sampler: gumbel, deterministic or soft
     predictor_hidden_ratio: float = 1.0  # predictor width as a multiple of the embedding width
     dropped_tokens: str = "discard"  # what a stage does with the tokens it drops: discard, or merge into the most similar kept one
+    drop_tokens: bool = False  # training removes dropped tokens after each stage's first block (cheaper step)
     method: str = "dynvit"  # token reduction to train: dynvit, or a baseline: evit, tome, random
     tome_r: int = 0  # tokens ToMe merges in each block (method tome)
 

@@ -27,7 +27,8 @@ from .families.vit import vit_masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
 from .merge import merge_gathered, merge_masked, size_bias
 from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio
-from .tokens import batch_gather, keep_at_least_one, num_kept, threshold_indices, topk_indices
+from .tokens import (batch_gather, compact_indices, gather_tokens, keep_at_least_one, num_kept, threshold_indices,
+                     topk_indices)
 
 __all__ = ["PruningOutput", "DynViTMixin", "TrainingModel"]
 
@@ -194,8 +195,9 @@ class DynViTMixin:
         tau: float = 1.0,
         masks: list[torch.Tensor] | None = None,
         noise_scale: float = 1.0,
+        drop: bool = False,
     ) -> PruningOutput:
-        """Masked path: all tokens are computed, dropped ones are hidden from attention.
+        """Masked path: dropped tokens are hidden from attention.
 
         A token is kept where ``logit - keep_threshold + noise_scale * noise > 0`` (Logistic
         noise): at ``noise_scale=0`` the training masks are exactly threshold mode's decisions.
@@ -207,15 +209,29 @@ class DynViTMixin:
                 sampling, e.g. to replay the decisions of :meth:`forward_pruned`.
             noise_scale: factor on the sampler's noise, in [0, 1] (``gumbel`` and ``soft``
                 samplers; see :class:`dynvit.schedule.NoiseSchedule`).
+            drop: remove the dropped tokens after the first block of each stage (a batch is
+                padded to its largest count, the padding masked out), so later blocks compute
+                only kept tokens: a cheaper step with the same outputs and backbone gradients
+                for the same decisions. A dropped token's decision then gets gradient from its
+                stage's first block (and, with merging, from the merge) only; with
+                ``drop=False`` every later block contributes.
+
+        Returns:
+            :class:`PruningOutput` with masks, logits and final tokens indexed by original
+            patch position.
         """
         if masks is not None and len(masks) != len(self.prune_loc):
             raise ValueError(f"got {len(masks)} masks for {len(self.prune_loc)} stages")
         x, rope = self._embed(x)
-        p = self.num_prefix_tokens
+        full_rope = rope
+        B, p = x.shape[0], self.num_prefix_tokens
+        n0 = x.shape[1] - p
         stage_of = self._stage_of_block()
         merge = self.dropped_tokens == "merge"
-        mask = None  # (B, N0) cumulative patch keep mask, None before the first stage
-        size = None  # (B, N0) patches each token stands for (merging), None while all are 1
+        mask = None  # (B, N) cumulative keep mask of the current patch tokens, None before the first stage
+        size = None  # (B, N) patches each token stands for (merging), None while all are 1
+        position = None  # (B, N) original index of each current patch token, None until tokens are removed
+        present = None  # (B, N) False for the padding of a batch whose images kept different counts
         keep_masks, keep_logits = [], []
         for i, blk in enumerate(self.blocks):
             s = stage_of.get(i)
@@ -227,6 +243,7 @@ class DynViTMixin:
                     decision = keep_at_least_one(decision, logits, mask)  # as threshold mode does
                 else:
                     decision = masks[s].to(logits.dtype)
+                    decision = decision if position is None else batch_gather(decision, position)
                 alive = mask
                 mask = decision if mask is None else decision * mask
                 if merge:
@@ -234,17 +251,33 @@ class DynViTMixin:
                     patches, size = merge_masked(x[:, p:], ones if size is None else size, ones if alive is None else alive,
                                                  mask)
                     x = torch.cat([x[:, :p], patches], dim=1)
-                keep_masks.append(mask)
-                keep_logits.append(logits)
+                keep_masks.append(_in_place(mask, position, n0, 0.0))
+                shown = logits if present is None else logits.masked_fill(~present, float("-inf"))
+                keep_logits.append(_in_place(shown, position, n0, float("-inf")))
             if mask is None:
                 x = self._run_block(self._call_block, i, blk, x, rope, None)
-            else:
-                token_mask = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
-                bias = None if size is None else size_bias(size, p)
-                x = self._run_block(self._masked_block, i, blk, x, rope, token_mask, bias)
+                continue
+            token_mask = torch.cat([mask.new_ones(B, p), mask], dim=1)
+            bias = None if size is None else size_bias(size, p)
+            x = self._run_block(self._masked_block, i, blk, x, rope, token_mask, bias)
+            if drop and s is not None:  # the stage's first block is done: remove what it dropped
+                index, present = compact_indices(mask.detach() > 0.5)
+                x = gather_tokens(x, index, p)
+                mask = torch.where(present, batch_gather(mask, index), torch.zeros_like(mask[:, :1]))  # padding: 0
+                size = None if size is None else torch.where(present, batch_gather(size, index), torch.ones_like(size[:, :1]))
+                position = batch_gather(torch.arange(n0, device=x.device).expand(B, n0) if position is None else position,
+                                        index)
+                if full_rope is not None:
+                    rope = self._gather_rope(full_rope, position)
         x = self.norm(x)
         weight = mask if size is None else mask * size
-        return PruningOutput(self._head(x, weight), keep_masks, keep_logits, x, mask, self.keep_threshold.detach())
+        logits = self._head(x, weight)
+        if position is not None:  # back to original patch positions (dropped tokens: zeros, mask 0)
+            patches = x.new_zeros(B, n0, x.shape[-1]).scatter(1, position.unsqueeze(-1).expand(-1, -1, x.shape[-1]),
+                                                               x[:, p:])
+            x = torch.cat([x[:, :p], patches], dim=1)
+        return PruningOutput(logits, keep_masks, keep_logits, x, _in_place(mask, position, n0, 0.0),
+                             self.keep_threshold.detach())
 
     def _run_block(self, fn, *args):
         # Honour timm's set_grad_checkpointing() in the training path.
@@ -336,6 +369,14 @@ class DynViTMixin:
         return bias[:, None, None, :]
 
 
+def _in_place(values: torch.Tensor | None, position: torch.Tensor | None, n0: int, fill: float) -> torch.Tensor | None:
+    """``(B, N)`` values of the current patch tokens at their original positions ``(B, N0)``
+    (``fill`` where no current token sits); unchanged while no token was removed."""
+    if values is None or position is None:
+        return values
+    return values.new_full((values.shape[0], n0), fill).scatter(1, position, values)
+
+
 class TrainingModel(nn.Module):
     """Wraps a patched model so that the masked training pass is its ``forward``.
 
@@ -343,13 +384,16 @@ class TrainingModel(nn.Module):
     through the wrapped module's ``forward``.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, drop_tokens: bool = False):
+        """``drop_tokens``: remove dropped tokens after each stage's first block (see
+        :meth:`DynViTMixin.forward_train`'s ``drop``)."""
         super().__init__()
         if not isinstance(model, DynViTMixin):
             raise TypeError("TrainingModel needs a model patched by dynvit.patch or built by dynvit.build_model")
         self.model = model
+        self.drop_tokens = drop_tokens
 
     def forward(
         self, x: torch.Tensor, tau: float = 1.0, masks: list[torch.Tensor] | None = None, noise_scale: float = 1.0
     ) -> PruningOutput:
-        return self.model.forward_train(x, tau=tau, masks=masks, noise_scale=noise_scale)
+        return self.model.forward_train(x, tau=tau, masks=masks, noise_scale=noise_scale, drop=self.drop_tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TokenPredictor"]
@@ -15,6 +16,11 @@ class TokenPredictor(nn.Module):
     As in DynamicViT: a LayerNorm + Linear + GELU embeds each token; half of the channels
     stay per-token (local), the other half is averaged over the currently kept tokens
     (global) and broadcast back; an MLP maps the concatenation to one keep logit per token.
+
+    The MLP's first layer is applied in two halves, ``W_local @ local + (W_global @ global + b)``,
+    which equals it on the concatenation; the global half is computed once per image instead
+    of once per token, and nothing is concatenated. The parameters (and state-dict keys) are
+    those of the plain MLP.
 
     Args:
         embed_dim: token width of the backbone.
@@ -52,12 +58,15 @@ class TokenPredictor(nn.Module):
         ``mask`` ``(B, N)`` (0/1 or soft, may carry gradient) weights the global average;
         tokens with weight 0 (dropped or padding) do not contribute. ``None`` means all kept.
         """
-        h = self.in_proj(x)
-        local, glob = h[..., : self.local_dim], h[..., self.local_dim :]
+        local, glob = self.in_proj(x).split([self.local_dim, self.local_dim], dim=-1)
         if mask is None:
             glob = glob.mean(dim=1, keepdim=True)
         else:
-            w = mask.to(glob.dtype).unsqueeze(-1)
-            glob = (glob * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        h = torch.cat([local, glob.expand_as(local)], dim=-1)
-        return self.out_mlp(h).squeeze(-1)
+            w = mask.to(glob.dtype).unsqueeze(1)  # (B, 1, N)
+            glob = (w @ glob) / w.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+        first = self.out_mlp[0]
+        d = self.local_dim
+        h = F.linear(local, first.weight[:, :d]) + F.linear(glob, first.weight[:, d:], first.bias)
+        for layer in self.out_mlp[1:]:
+            h = layer(h)
+        return h.squeeze(-1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["batch_gather", "topk_indices", "threshold_indices", "num_kept"]
+__all__ = ["batch_gather", "gather_tokens", "topk_indices", "threshold_indices", "compact_indices", "num_kept"]
 
 
 def batch_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -21,6 +21,24 @@ def batch_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return torch.gather(x, 1, index)
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The prefix tokens of ``x`` followed by its patch tokens ``index``, in one gather.
+
+    Args:
+        x: ``(B, P + N, C)`` tokens, the ``P = num_prefix_tokens`` prefix tokens first.
+        index: ``(B, K)`` indices into the patch tokens (``0 <= index < N``).
+
+    Returns:
+        ``(B, P + K, C)``; equals ``cat([x[:, :P], batch_gather(x[:, P:], index)], 1)`` without
+        copying the gathered tokens a second time.
+    """
+    p = num_prefix_tokens
+    if p:
+        prefix = torch.arange(p, device=index.device, dtype=index.dtype).expand(index.shape[0], p)
+        index = torch.cat([prefix, index + p], dim=1)
+    return batch_gather(x, index)
 
 
 def num_kept(fraction: float, total: int) -> int:
@@ -49,7 +67,6 @@ def threshold_indices(logits: torch.Tensor, valid: torch.Tensor | None = None) -
         ``index`` ``(B, K)``: kept positions first (in order), then arbitrary padding.
         ``index_valid`` ``(B, K)`` bool: True for the real kept positions.
     """
-    n = logits.shape[1]
     keep = logits > 0
     if valid is not None:
         keep = keep & valid
@@ -58,15 +75,30 @@ def threshold_indices(logits: torch.Tensor, valid: torch.Tensor | None = None) -
     top = logits.argmax(dim=1, keepdim=True)
     best = torch.zeros_like(keep).scatter(1, top, torch.ones_like(top, dtype=torch.bool))
     keep = keep | (best & ~keep.any(dim=1, keepdim=True))
+    return compact_indices(keep)
+
+
+def compact_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices that bring each row's kept tokens to the front, in their order.
+
+    Args:
+        keep: ``(B, N)`` bool.
+
+    Returns:
+        ``index`` ``(B, K)``, ``K`` the largest kept count: kept positions first, then
+        positions of dropped tokens as padding; ``index_valid`` ``(B, K)`` bool, True for the
+        kept ones.
+    """
+    n = keep.shape[1]
     count = keep.sum(dim=1)
-    position = torch.arange(n, device=logits.device).expand_as(keep)
+    position = torch.arange(n, device=keep.device).expand_as(keep)
     # Sort key: kept tokens in original order first, then the rest.
     order = torch.argsort(torch.where(keep, position, position + n), dim=1)
     # .item() rather than int(): under torch.export the count becomes a symbolic size (the
     # ONNX/.pt2 graph computes it per image) instead of a guard on one traced value.
     k = count.max().item()
     index = order[:, :k]
-    index_valid = torch.arange(k, device=logits.device).unsqueeze(0) < count.unsqueeze(1)
+    index_valid = torch.arange(k, device=keep.device).unsqueeze(0) < count.unsqueeze(1)
     return index, index_valid
 
 

@@ -54,15 +54,22 @@ def create_model(cfg: Config, num_classes: int) -> nn.Module:
     return model
 
 
-def create_teacher(student: nn.Module) -> nn.Module:
-    """A frozen dense copy of the student's backbone as it is now (before fine-tuning)."""
+def create_teacher(student: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen dense copy of the student's backbone as it is now (before fine-tuning).
+
+    Args:
+        student: the model being fine-tuned (dynvit or baseline), built by :func:`create_model`.
+        dtype: store the teacher in this dtype (``torch.bfloat16`` when the student trains in
+            bf16: autocast then has no weights to cast on every call); default the student's.
+    """
     meta = student.dynvit_meta
     kwargs = {**meta["timm_kwargs"], "drop_path_rate": 0.0}
     teacher = timm.create_model(meta["model_name"], **kwargs)
     own = student.state_dict()
     teacher.load_state_dict({k: own[k] for k in teacher.state_dict()})
     teacher.requires_grad_(False)
-    return teacher.to(next(student.parameters()).device).eval()
+    ref = next(student.parameters())
+    return teacher.to(device=ref.device, dtype=dtype or ref.dtype).eval()
 
 
 class DenseTrainingModel(nn.Module):

@@ -247,3 +247,17 @@ def test_masked_softmax_is_the_softmax_over_kept_keys():
     sizes = torch.tensor([[2.0, 0, 1, 3, 0], [1, 1, 4, 0, 1]])
     pooled = masked_softmax(scores[:, :, :1], sizes, self_attention=False)
     torch.testing.assert_close(pooled, (scores[:, :, :1] + sizes.log()[:, None, None, :]).softmax(-1))
+
+
+@pytest.mark.parametrize("family", ["rope", "rope_mixed", "dinov3", "pe_map", "siglip_map", "parallel_scaling"])
+def test_training_that_drops_tokens_equals_the_masked_path(family):
+    """forward_train(drop=True) gathers kept tokens (and their rotary angles) after each stage's
+    first block: the same outputs as the masked path for the same decisions."""
+    _, model = models(family)
+    model.dropped_tokens = "merge"
+    x = images(family)
+    with torch.no_grad():
+        masks = [m.float() for m in model.forward_pruned(x, "threshold").keep_masks]
+        masked = model.forward_train(x, masks=masks)
+        dropped = model.forward_train(x, masks=masks, drop=True)
+    torch.testing.assert_close(dropped.logits, masked.logits, atol=1e-5, rtol=1e-5)

@@ -1,7 +1,7 @@
 import torch
 
 from dynvit.ratios import normalize_keep_ratio
-from dynvit.tokens import batch_gather, num_kept, threshold_indices, topk_indices
+from dynvit.tokens import batch_gather, gather_tokens, num_kept, threshold_indices, topk_indices
 
 
 def test_topk_indices_sorted_and_best():
@@ -15,6 +15,14 @@ def test_batch_gather():
     out = batch_gather(x, idx)
     assert torch.equal(out[0], x[0, [3, 0]]) and torch.equal(out[1], x[1, [1, 2]])
     assert torch.equal(batch_gather(x[..., 0], idx), x[..., 0].gather(1, idx))
+
+
+def test_gather_tokens_keeps_the_prefix_first():
+    x = torch.randn(2, 6, 3)
+    idx = torch.tensor([[3, 0], [1, 2]])
+    for p in (0, 2):
+        expected = torch.cat([x[:, :p], batch_gather(x[:, p:], idx)], dim=1)
+        assert torch.equal(gather_tokens(x, idx, p), expected)
 
 
 def test_threshold_indices_padding_and_at_least_one():
