@@ -36,7 +36,11 @@ from dynvit import benchmark as bench  # noqa: E402
 from dynvit.data import SeededImageDataset, balanced_subset, build_transform, scan_image_folder  # noqa: E402
 from dynvit.hub import load_pretrained  # noqa: E402
 
-# name -> (what it changes, train.py overrides; "{E}" is replaced by a fraction of the epochs)
+_MERGE = ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}",
+          "--model.dropped_tokens", "merge"]
+_WARM01 = ["--optim.warmup_epochs", "{0.1}", "--optim.backbone_freeze_epochs", "{0.1}"]
+
+# name -> (what it changes, train.py overrides; "{f}" is replaced by f times the epochs)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dynamicvit": ("DynamicViT: Bernoulli masks throughout (noise 1, tau 1), ratio per image", []),
     "deterministic": ("deterministic straight-through masks throughout (noise 0)", ["--model.sampler", "deterministic"]),
@@ -54,6 +58,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "merge_batch_ratio": ("merge + keep-ratio loss on the batch mean",
                           ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}",
                            "--model.dropped_tokens", "merge", "--loss.ratio_per", "batch"]),
+    "merge_warm01": ("merge, warm-up and backbone freeze over 10% of the steps instead of 50%",
+                     [*_MERGE, *_WARM01]),
+    "merge_warm01_margin": ("merge_warm01 + decision margin 1 (weight 0.1)",
+                            [*_MERGE, *_WARM01, "--loss.margin_weight", "0.1"]),
+    "merge_warm01_lr3": ("merge_warm01 with predictors at lr 3e-3 (backbone still 1e-4)",
+                         [*_MERGE, *_WARM01, "--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333"]),
 }
 
 

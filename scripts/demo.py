@@ -1,20 +1,27 @@
-"""The main job, end to end on a CPU: dense ViT -> pruning fine-tune -> dense vs pruned table.
+"""The main job, end to end on a CPU: a dense ViT -> pruning fine-tune -> what it saved -> export.
 
     python scripts/demo.py                       # ../shared/data/cifar10, about 10 minutes on 2 cores
     python scripts/demo.py --data /path/to/imagefolder --out runs/demo
 
-1. Train a small dense ViT on CIFAR-10 (configs/cifar10_dense.yaml, on a subset), or reuse the
-   one a previous demo left in ``<out>/dense/final``.
-2. Fine-tune it with token pruning (configs/cifar10_dynvit.yaml): predictors learn to keep
-   70% then 49% of the patch tokens, the dense model is the frozen teacher.
-3. Measure both in this run on the same validation images: top-1, GMACs per image and
-   images/s on this machine's CPU, and print a table. Export the pruned model when
-   ``dynvit.export_model`` is available.
+1. The dense "pretrained" ViT: the shared CIFAR-10 checkpoint (``--teacher``) when it exists
+   and fits the data's classes, else one a previous demo left in ``<out>/dense/final``, else a
+   small one trained here (``configs/cifar10_dense.yaml`` on a subset, about 4 minutes).
+2. A pruning fine-tune from it (``configs/cifar10_dynvit.yaml``, a short schedule): the
+   predictors learn to keep 55% then 30% of the patch tokens, dropped tokens are merged into
+   the kept ones, the dense model is the frozen teacher, and the keep decisions end as the
+   deterministic ones threshold mode makes at inference.
+3. Both models measured in this run on the same images and CPU: top-1, kept tokens per image
+   (mean and 5th-95th percentile), GMACs and images/s at batch 1 and 64, for top-k mode,
+   threshold mode as trained (keep probability > 0.5) and threshold mode calibrated by
+   ``dynvit.calibrate`` (on training images) to the top-k budget.
+4. The model saved by ``dynvit.save_pretrained`` (``<out>/dynvit/final``) and exported to
+   ONNX in top-k and threshold mode, each checked against PyTorch in onnxruntime.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import shutil
@@ -30,18 +37,19 @@ sys.path.insert(0, str(REPO))
 import dynvit  # noqa: E402
 from dynvit.benchmark import evaluate, evaluate_modes, kept_token_stats, measure_speed  # noqa: E402
 from dynvit.config import load_config  # noqa: E402
-from dynvit.data import build_datasets, resolve_data  # noqa: E402
+from dynvit.data import SeededImageDataset, balanced_subset, build_transform, resolve_data, scan_image_folder  # noqa: E402
 from train import train  # noqa: E402
 
 # Sized for about 10 minutes on 2 CPU cores; a GPU runs the full recipes instead (see README).
 DENSE_RUN = ["--data.train_subset", "20000", "--train.epochs", "2", "--optim.warmup_epochs", "0.2"]
-PRUNE_RUN = ["--data.train_subset", "5000", "--train.epochs", "2", "--optim.warmup_epochs", "0.2",
-             "--optim.backbone_freeze_epochs", "0.2"]
+PRUNE_RUN = ["--data.train_subset", "20000", "--train.epochs", "1"]
+SPEED_BATCHES = (1, 64)
 
 
 def _common(args, out: Path) -> list[str]:
-    return ["--data.path", args.data, "--data.val_subset", str(args.val_images), "--data.num_workers", str(args.workers),
-            "--train.output_dir", str(out), "--train.trackers", "[]", "--train.progress_bar", str(args.progress).lower()]
+    return ["--data.path", args.data, "--data.val_subset", str(args.val_images), "--data.cache", "memory",
+            "--train.output_dir", str(out), "--train.trackers", "[]", "--train.progress_bar", str(args.progress).lower(),
+            "--data.val_split", args.val_split]
 
 
 def _kept(result) -> str:
@@ -49,15 +57,38 @@ def _kept(result) -> str:
     return " / ".join(f"{k['mean']:.1f} [{k['p5']:.0f}-{k['p95']:.0f}]" for k in kept_token_stats(result.kept_tokens))
 
 
+def _dense_model(args, out: Path) -> Path:
+    """The dense model to start from: the shared teacher, an earlier demo's, or one trained now."""
+    classes = scan_image_folder(Path(args.data) / "train", what="training").classes
+    teacher = Path(args.teacher)
+    if not args.retrain_dense and (teacher / "config.json").is_file():
+        if json.loads((teacher / "config.json").read_text()).get("classes") == classes:
+            print(f"[1/4] the dense ViT: {teacher} (pretrained, not retrained)", flush=True)
+            return teacher
+        print(f"      {teacher} was trained on other classes than {args.data}: training a dense ViT instead", flush=True)
+    dense_dir = out / "dense" / "final"
+    if not args.retrain_dense and (dense_dir / "model.safetensors").is_file():
+        print(f"[1/4] reusing the dense ViT in {dense_dir} (--retrain-dense to train it again)", flush=True)
+        return dense_dir
+    shutil.rmtree(out / "dense", ignore_errors=True)
+    print(f"[1/4] training a dense ViT on {args.data} (about 4 minutes on 2 cores) ...", flush=True)
+    t0 = time.perf_counter()
+    train(load_config(REPO / "configs" / "cifar10_dense.yaml", DENSE_RUN + _common(args, out / "dense")))
+    print(f"      done in {time.perf_counter() - t0:.0f} s -> {dense_dir}", flush=True)
+    return dense_dir
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"),
                         help="ImageFolder root with train/ and test/ (or --val-split) sub-folders")
     parser.add_argument("--val-split", default="test", help="validation sub-folder of --data")
+    parser.add_argument("--teacher", default=str(REPO.parent / "shared" / "checkpoints" / "cifar10_vit_dense"),
+                        help="a dense save_pretrained directory to fine-tune (used when its classes match --data)")
     parser.add_argument("--out", default=str(REPO / "runs" / "demo"), help="where the runs and the table go")
     parser.add_argument("--val-images", type=int, default=2000, help="validation images measured (0 = all)")
-    parser.add_argument("--workers", type=int, default=1, help="data loader workers per process")
-    parser.add_argument("--retrain-dense", action="store_true", help="train the dense model even if one exists")
+    parser.add_argument("--calib-images", type=int, default=1000, help="training images dynvit.calibrate uses")
+    parser.add_argument("--retrain-dense", action="store_true", help="train the dense model here even if one exists")
     parser.add_argument("--export", default="onnx", choices=["onnx", "pt2", "none"], help="export the pruned model")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
@@ -65,76 +96,82 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
     out = Path(args.out)
-    split = ["--data.val_split", args.val_split]
 
-    # 1. The dense model: trained here, or reused from an earlier demo.
-    dense_dir = out / "dense" / "final"
-    if args.retrain_dense or not (dense_dir / "model.safetensors").is_file():
-        shutil.rmtree(out / "dense", ignore_errors=True)
-        print(f"[1/3] training the dense ViT on {args.data} ...", flush=True)
-        t0 = time.perf_counter()
-        train(load_config(REPO / "configs" / "cifar10_dense.yaml", DENSE_RUN + split + _common(args, out / "dense")))
-        print(f"      done in {time.perf_counter() - t0:.0f} s -> {dense_dir}", flush=True)
-    else:
-        print(f"[1/3] reusing the dense ViT in {dense_dir} (--retrain-dense to train it again)", flush=True)
+    dense_dir = _dense_model(args, out)
 
     # 2. The pruning fine-tune, always from the dense model.
     shutil.rmtree(out / "dynvit", ignore_errors=True)
-    print("[2/3] fine-tuning it with token pruning ...", flush=True)
+    print("[2/4] fine-tuning it with token pruning ...", flush=True)
     t0 = time.perf_counter()
     cfg = load_config(REPO / "configs" / "cifar10_dynvit.yaml",
-                      PRUNE_RUN + split + _common(args, out / "dynvit") + ["--model.pretrained_path", str(dense_dir)])
+                      PRUNE_RUN + _common(args, out / "dynvit") + ["--model.pretrained_path", str(dense_dir)])
     train(cfg)
     print(f"      done in {time.perf_counter() - t0:.0f} s -> {out / 'dynvit' / 'final'}", flush=True)
 
     # 3. Both models, measured now on the same images and the same CPU.
-    print("[3/3] measuring ...", flush=True)
+    print("[3/4] measuring ...", flush=True)
     dense, pruned = dynvit.load_pretrained(dense_dir), dynvit.load_pretrained(out / "dynvit" / "final")
-    data_config = resolve_data(pruned, cfg.data)
-    _, val_set = build_datasets(cfg.data, cfg.aug, data_config, seed=cfg.train.seed)
-    batches = list(torch.utils.data.DataLoader(val_set, batch_size=250, num_workers=args.workers))  # decoded once
-    bench = torch.cat([images for images, _ in batches])[:256]
-    input_size = data_config["input_size"]
-    modes = {"topk": f"DynViT, top-k {cfg.model.keep_ratio}", "threshold": "DynViT, threshold 0.5"}
-    accuracy = {"dense": evaluate(dense, batches), **evaluate_modes(pruned, batches, tuple(modes))}
-    models = {"dense": dense}
-    for mode in modes:
-        models[mode] = copy.deepcopy(pruned)
-        models[mode].prune_mode = mode
-    speed = measure_speed(models, bench, (len(bench),), repeats=3, min_seconds=1.0)
-    labels = {"dense": "dense ViT (teacher)", **modes}
-    rows = []
+    data_cfg = resolve_data(pruned, cfg.data)
+    val_set = _eval_images(args.data, args.val_split, data_cfg, args.val_images, cfg.train.seed)  # train.py's subset
+    batches = list(torch.utils.data.DataLoader(val_set, batch_size=250))  # decoded once
+    images = torch.cat([x for x, _ in batches])
+    input_size = data_cfg["input_size"]
+
+    calibrated = copy.deepcopy(pruned)
+    calib_set = _eval_images(args.data, "train", data_cfg, args.calib_images, seed=1)
+    calib = torch.cat([x for x, _ in torch.utils.data.DataLoader(calib_set, batch_size=250)])
+    dynvit.calibrate(calibrated, calib, keep_ratio=pruned.keep_ratio)  # the top-k budget, per image adaptive
+
+    r = cfg.model.keep_ratio
+    labels = {"dense": "dense ViT (teacher)", "topk": f"DynViT, top-k {r}", "threshold": "DynViT, threshold p > 0.5",
+              "calibrated": f"DynViT, threshold calibrated to {r}"}
+    models = {"dense": dense, "topk": copy.deepcopy(pruned), "threshold": pruned, "calibrated": calibrated}
+    models["topk"].prune_mode = "topk"
+    accuracy = {"dense": evaluate(dense, batches), **evaluate_modes(pruned, batches, ("topk", "threshold")),
+                "calibrated": evaluate(calibrated, batches, mode="threshold")}
+    speed = measure_speed(models, images[:256], SPEED_BATCHES, repeats=3, min_seconds=1.0)
+    gmacs = {k: dynvit.count_flops(m, input_size, images=images[:32]) for k, m in models.items()}  # threshold: mean of 32
+
+    exported = []
+    if args.export != "none":
+        for mode in ("topk", "threshold"):
+            try:
+                result = dynvit.export_model(pruned, out / f"dynvit_{mode}.{args.export}", format=args.export, mode=mode,
+                                             inputs=images[:4])
+                exported.append(f"{mode} -> {result.path} (max |diff| {result.max_abs_diff:.1e})")
+            except Exception as e:  # an export problem must not hide the measurements
+                exported.append(f"{mode} export failed: {type(e).__name__}: {e}")
+
+    # 4. The table.
+    n0 = dense.patch_embed.num_patches
+    other = max((s[bs]["other_cpu_share"] or 0.0) for s in speed.values() for bs in SPEED_BATCHES)
+    table = [f"{Path(args.data).name}/{args.val_split}: {len(val_set)} images; {torch.get_num_threads()} CPU threads; "
+             f"images/s median of 3 repeats (other processes took up to {100 * other:.0f}% of the CPUs meanwhile)",
+             f"target kept fraction per stage: {' / '.join(f'{t:.3f}' for t in pruned.keep_ratio)} of {n0} patch tokens",
+             f"{'model':<36} {'top-1 %':>8} {'kept tokens/stage, mean [p5-p95]':>34} {'GMACs':>8} "
+             + " ".join(f"{f'img/s b{bs}':>10}" for bs in SPEED_BATCHES)]
     for key, label in labels.items():
-        gmacs = dynvit.count_flops(models[key], input_size, images=bench[:16], mode=None if key == "dense" else key)
-        rows.append((label, accuracy[key], gmacs, speed[key][len(bench)]))  # threshold GMACs: mean of 16 images
-
-    exported = ""
-    if args.export != "none" and hasattr(dynvit, "export_model"):
-        try:
-            result = dynvit.export_model(pruned, out / f"dynvit_topk.{args.export}", format=args.export, mode="topk",
-                                         inputs=bench[:4])
-            exported = f"exported {result.format} (top-k) to {result.path}"
-        except Exception as e:  # an export problem must not hide the measurements
-            exported = f"export skipped: {type(e).__name__}: {e}"
-
-    n, other = len(val_set), speed["dense"][len(bench)]["other_cpu_share"]
-    table = [f"{Path(args.data).name}/{args.val_split}: {n} images; {torch.get_num_threads()} CPU threads; "
-             f"images/s at batch {len(bench)} (median of 3 repeats"
-             + (f", other processes took {100 * other:.0f}% of the CPUs meanwhile)" if other is not None else ")"),
-             f"{'model':<24} {'top-1 %':>8} {'top-5 %':>8} {'kept tokens/stage, mean [p5-p95]':>34} {'GMACs':>8} "
-             f"{'images/s':>9}"]
-    for name, acc, gmacs, s in rows:
-        tokens = _kept(acc) or f"{dense.patch_embed.num_patches}"
-        table.append(f"{name:<24} {acc.top1:>8.2f} {acc.top5:>8.2f} {tokens:>34} {gmacs:>8.4f} {s['images_per_s']:>9.0f}")
-    dense_row = rows[0]
-    for name, _, gmacs, s in rows[1:]:
-        table.append(f"{name}: {gmacs / dense_row[2]:.2f}x the dense GMACs, "
-                     f"{s['images_per_s'] / dense_row[3]['images_per_s']:.2f}x its speed")
-    table.append(f"wall time {time.perf_counter() - start:.0f} s" + (f"; {exported}" if exported else ""))
+        tokens = _kept(accuracy[key]) or f"{n0}"
+        table.append(f"{label:<36} {accuracy[key].top1:>8.2f} {tokens:>34} {gmacs[key]:>8.4f} "
+                     + " ".join(f"{speed[key][bs]['images_per_s']:>10.0f}" for bs in SPEED_BATCHES))
+    for key, label in list(labels.items())[1:]:
+        ups = ", ".join(f"{speed[key][bs]['images_per_s'] / speed['dense'][bs]['images_per_s']:.2f}x at batch {bs}"
+                        for bs in SPEED_BATCHES)
+        kept = " / ".join(f"{k['mean'] / n0:.3f}" for k in kept_token_stats(accuracy[key].kept_tokens))
+        table.append(f"{label}: kept {kept}; {gmacs[key] / gmacs['dense']:.2f}x the dense GMACs; speed {ups}")
+    table += [f"saved {out / 'dynvit' / 'final'} (dynvit.load_pretrained)", *[f"exported {e}" for e in exported],
+              f"wall time {time.perf_counter() - start:.0f} s"]
     text = "\n".join(table)
     print("\n" + text)
     (out / "table.txt").write_text(text + "\n")
     return 0
+
+
+def _eval_images(root: str, split: str, data_cfg: dict, size: int, seed: int) -> SeededImageDataset:
+    """``size`` class-balanced images of a split (0 = all) under the evaluation transform."""
+    folder = scan_image_folder(Path(root) / split, what=split)
+    indices = balanced_subset(folder.targets, size, seed)
+    return SeededImageDataset(folder, build_transform(data_cfg, is_training=False), indices=indices)
 
 
 if __name__ == "__main__":
