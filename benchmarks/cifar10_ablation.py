@@ -64,6 +64,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                             [*_MERGE, *_WARM01, "--loss.margin_weight", "0.1"]),
     "merge_warm01_lr3": ("merge_warm01 with predictors at lr 3e-3 (backbone still 1e-4)",
                          [*_MERGE, *_WARM01, "--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333"]),
+    "merge_warm01_drop": ("merge_warm01, dropped tokens removed after each stage's first block in training",
+                          [*_MERGE, *_WARM01, "--model.drop_tokens", "true"]),
+    "merge_warm01_noise1": ("merge_warm01 with Bernoulli masks throughout (noise 1, as DynamicViT)",
+                            ["--model.dropped_tokens", "merge", *_WARM01]),
+    "merge_warm01_deterministic": ("merge_warm01 with deterministic masks throughout (noise 0)",
+                                   ["--model.dropped_tokens", "merge", *_WARM01, "--model.sampler", "deterministic"]),
+    "merge_warm01_tau": ("merge_warm01 + tau 1 -> 0.1 (exponential) over the run",
+                         [*_MERGE, *_WARM01, "--tau.kind", "exponential", "--tau.tau_end", "0.1"]),
+    "merge_warm01_batch_ratio": ("merge_warm01 + keep-ratio loss on the batch mean",
+                                 [*_MERGE, *_WARM01, "--loss.ratio_per", "batch"]),
 }
 
 

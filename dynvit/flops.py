@@ -80,7 +80,8 @@ def count_flops(
         input_size: ``(C, H, W)`` of the random input used when ``images`` is not given.
         images: real images ``(B, C, H, W)`` (or an iterable of such batches). Required in
             threshold mode, where the kept count depends on the image: the result is the mean
-            over the images, each traced on its own.
+            over the images. An image's cost depends only on how many tokens it keeps at each
+            stage, so the images are grouped by those counts and one image per group is traced.
         mode: temporarily override ``model.prune_mode``.
 
     Returns:
@@ -93,10 +94,16 @@ def count_flops(
                 raise ValueError("threshold mode keeps a different number of tokens per image: pass real images=...")
         elif images is None:
             return _total(model, torch.randn(1, *input_size, device=device)) / 1e9
-        batches = [images] if isinstance(images, torch.Tensor) else list(images)
-        per_image = [_total(model, img[None].to(device)) for batch in batches for img in batch]
-        if not per_image:
+        batches = [b for b in ([images] if isinstance(images, torch.Tensor) else images) if len(b)]
+        if not batches:
             raise ValueError("images is empty")
         if getattr(model, "prune_mode", None) != "threshold":
-            per_image = per_image[:1]  # fixed shapes: every image costs the same
-        return sum(per_image) / len(per_image) / 1e9
+            return _total(model, batches[0][:1].to(device)) / 1e9  # fixed shapes: every image costs the same
+        groups: dict[tuple[int, ...], list] = {}  # kept counts per stage -> [an image with them, how many]
+        for batch in batches:
+            batch = batch.to(device)
+            counts = torch.stack([m.sum(1) for m in model.forward_pruned(batch, "threshold").keep_masks], 1)
+            for image, key in zip(batch, map(tuple, counts.tolist())):
+                groups.setdefault(key, [image, 0])[1] += 1
+        total = sum(_total(model, image[None]) * n for image, n in groups.values())
+        return total / sum(n for _, n in groups.values()) / 1e9

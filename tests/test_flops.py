@@ -52,3 +52,21 @@ def test_threshold_mode_needs_images_and_averages_them():
     one_token = dynvit.count_flops(model, (3, 64, 64), mode="threshold", images=torch.randn(3, 3, 64, 64))
     model.keep_ratio = 1 / 16
     assert one_token == pytest.approx(dynvit.count_flops(model, (3, 64, 64), mode="topk"))
+
+
+def test_threshold_gmacs_are_the_mean_over_every_image():
+    """Grouping images by their kept counts gives the mean of tracing every image on its own."""
+    from conftest import make_decisive_
+
+    torch.manual_seed(0)
+    model = dynvit.build_model("deit_tiny_patch16_224", prune_loc=(1, 3), keep_ratio=0.6, img_size=64, depth=4,
+                               dropped_tokens="merge").eval()
+    make_decisive_(model)
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([images, images[:3]])  # some images alike, so some groups hold several
+    with torch.no_grad():
+        counts = {tuple(int(m[i].sum()) for m in model.forward_pruned(images, "threshold").keep_masks) for i in range(11)}
+    assert 1 < len(counts) < 11, "test needs images that keep different counts"
+    each = [dynvit.count_flops(model, (3, 64, 64), mode="threshold", images=img[None]) for img in images]
+    grouped = dynvit.count_flops(model, (3, 64, 64), mode="threshold", images=images.split(4))
+    assert grouped == pytest.approx(sum(each) / len(each), rel=1e-9)
