@@ -217,7 +217,7 @@ def train(cfg: Config) -> dict:
                         with torch.inference_mode():  # one forward per batch, no autograd bookkeeping
                             t_tokens = teacher.forward_features(images)
                             t_logits = teacher.forward_head(t_tokens)
-                    terms = criterion(out, target, t_logits, t_tokens, model.num_prefix_tokens)
+                    terms = criterion(out, target, t_logits, t_tokens, model.num_prefix_tokens, noise_scale)
                 accelerator.backward(terms.total)
                 if accelerator.sync_gradients and cfg.optim.clip_grad:
                     accelerator.clip_grad_norm_(training_model.parameters(), cfg.optim.clip_grad)

@@ -60,7 +60,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                            "--model.dropped_tokens", "merge", "--loss.ratio_per", "batch"]),
     "merge_warm01": ("merge, warm-up and backbone freeze over 10% of the steps instead of 50%",
                      [*_MERGE, *_WARM01]),
-    "merge_warm01_margin": ("merge_warm01 + decision margin 1 (weight 0.1)",
+    "merge_warm01_margin": ("merge_warm01 + decision margin 1 (weight 0.1) from the start (run before the margin was phased in)",
                             [*_MERGE, *_WARM01, "--loss.margin_weight", "0.1"]),
     "merge_warm01_lr3": ("merge_warm01 with predictors at lr 3e-3 (backbone still 1e-4)",
                          [*_MERGE, *_WARM01, "--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333"]),
@@ -74,6 +74,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                          [*_MERGE, *_WARM01, "--tau.kind", "exponential", "--tau.tau_end", "0.1"]),
     "merge_warm01_batch_ratio": ("merge_warm01 + keep-ratio loss on the batch mean",
                                  [*_MERGE, *_WARM01, "--loss.ratio_per", "batch"]),
+    "merge_warm01_lr3_margin": ("merge_warm01_lr3 + decision margin 1 (weight 0.1) phased in as the noise goes",
+                                [*_MERGE, *_WARM01, "--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333",
+                                 "--loss.margin_weight", "0.1"]),
+    "merge_lr3_loc2": ("merge_warm01_lr3 with one stage, before block 2, keeping 0.45",
+                       [*_MERGE, *_WARM01, "--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333",
+                        "--model.prune_loc", "[2]", "--model.keep_ratio", "0.45"]),
+    "merge_warm01_loc135": ("merge_warm01 with three stages, before blocks 1, 3 and 5, at keep 0.7 (0.70/0.49/0.34)",
+                            [*_MERGE, *_WARM01, "--model.prune_loc", "[1,3,5]", "--model.keep_ratio", "0.7"]),
 }
 
 
@@ -90,8 +98,10 @@ def _images(folder, data_config, indices) -> SeededImageDataset:
     return SeededImageDataset(folder, build_transform(data_config, is_training=False), indices=indices)
 
 
-def measure(model, loader, calib: torch.Tensor, flops_images: torch.Tensor, keep_ratio: float) -> list[dict]:
-    """Rows for top-k, threshold as trained and calibrated threshold at ``keep_ratio``."""
+def measure(model, loader, calib: torch.Tensor, flops_images: torch.Tensor) -> list[dict]:
+    """Rows for top-k, threshold as trained and calibrated threshold, at the keep ratio the model
+    was trained for."""
+    keep_ratio = model.keep_ratio
     input_size = tuple(flops_images.shape[1:])
     n0 = model.patch_embed.num_patches
     rows = []
@@ -160,9 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))])
         flops_images = torch.cat([x for x, _ in loader])[:64]
         config = json.loads((final / "config.json").read_text())["dynvit"]
-        for row in measure(model, loader, calib, flops_images, args.keep_ratio):
+        for row in measure(model, loader, calib, flops_images):
             row.update(variant=name, what=VARIANTS[name][0], budget=steps_note, dropped_tokens=config.get("dropped_tokens"),
-                       keep_ratio=args.keep_ratio, checkpoint=str(final))
+                       keep_ratio=args.keep_ratio, prune_loc=config["prune_loc"], checkpoint=str(final))
             rows = [r for r in rows if not (r["variant"] == name and r["mode"] == row["mode"]
                                             and r["keep_ratio"] == row["keep_ratio"] and r["budget"] == row["budget"])]
             rows.append(row)

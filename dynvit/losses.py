@@ -169,6 +169,7 @@ class PruningLoss(nn.Module):
         teacher_logits: torch.Tensor | None = None,
         teacher_tokens: torch.Tensor | None = None,
         num_prefix_tokens: int = 0,
+        noise_scale: float = 0.0,
     ) -> LossTerms:
         """Loss terms for a :class:`dynvit.PruningOutput` of the training pass.
 
@@ -179,6 +180,10 @@ class PruningLoss(nn.Module):
             teacher_tokens: ``(B, P + N0, C)`` teacher's final normed tokens; required when
                 ``distill_tokens_weight > 0``.
             num_prefix_tokens: ``P``, tokens before the patch tokens in both token tensors.
+            noise_scale: the sampler's noise scale at this step; the margin term is weighted by
+                ``1 - noise_scale``, so it phases in as the masks become deterministic (with
+                noise, the samples are decisive already; a margin from the start would lock each
+                stage's decisions on the side of the threshold where initialisation put them).
         """
         zero = output.logits.new_zeros((), dtype=torch.float32)
         cls = self.criterion(output.logits.float(), target)
@@ -194,13 +199,13 @@ class PruningLoss(nn.Module):
             p = num_prefix_tokens
             distill_tokens = distill_tokens_loss(output.tokens[:, p:], teacher_tokens[:, p:], output.token_mask)
         margin = zero
-        if self.margin_weight > 0 and output.keep_logits:
+        if self.margin_weight > 0 and output.keep_logits and noise_scale < 1:
             margin = decision_margin_loss(output.keep_logits, output.keep_masks, output.keep_thresholds, self.margin)
         total = (
             self.cls_weight * cls
             + self.ratio_weight * ratio
             + self.distill_logits_weight * distill_logits
             + self.distill_tokens_weight * distill_tokens
-            + self.margin_weight * margin
+            + self.margin_weight * (1.0 - noise_scale) * margin
         )
         return LossTerms(total, cls, ratio, distill_logits, distill_tokens, margin)

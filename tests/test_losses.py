@@ -31,3 +31,17 @@ def test_margin_gradient_pushes_logits_away_from_the_threshold():
     logits = torch.tensor([[0.3, -0.2, 4.0]], requires_grad=True)
     decision_margin_loss([logits], [torch.ones(1, 3)]).backward()
     assert logits.grad[0, 0] < 0 < logits.grad[0, 1] and logits.grad[0, 2] == 0  # descent moves them apart
+
+
+def test_margin_phases_in_as_the_noise_goes():
+    from dynvit.losses import PruningLoss
+    from dynvit.model import PruningOutput
+
+    out = PruningOutput(torch.zeros(2, 3), [torch.ones(2, 4)], [torch.full((2, 4), 0.25)])
+    loss = PruningLoss(torch.nn.CrossEntropyLoss(), (1.0,), ratio_weight=0.0, distill_logits_weight=0.0,
+                       distill_tokens_weight=0.0, margin_weight=2.0)
+    target = torch.zeros(2, dtype=torch.long)
+    cls = loss(out, target, noise_scale=1.0).total
+    assert loss(out, target, noise_scale=1.0).margin == 0  # with full noise the term is off
+    assert loss(out, target, noise_scale=0.5).total - cls == pytest.approx(2.0 * 0.5 * 0.75)
+    assert loss(out, target).total - cls == pytest.approx(2.0 * 0.75)  # callers without annealing: full weight
