@@ -39,6 +39,7 @@ from dynvit.hub import load_pretrained  # noqa: E402
 _MERGE = ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}",
           "--model.dropped_tokens", "merge"]
 _WARM01 = ["--optim.warmup_epochs", "{0.1}", "--optim.backbone_freeze_epochs", "{0.1}"]
+_LR3 = ["--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333"]
 
 # name -> (what it changes, train.py overrides; "{f}" is replaced by f times the epochs)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -80,6 +81,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "merge_lr3_loc2": ("merge_warm01_lr3 with one stage, before block 2, keeping 0.45",
                        [*_MERGE, *_WARM01, "--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333",
                         "--model.prune_loc", "[2]", "--model.keep_ratio", "0.45"]),
+    "merge_drop_lr3": ("merge_warm01_drop with predictors at lr 3e-3 (backbone still 1e-4)",
+                       [*_MERGE, *_WARM01, "--model.drop_tokens", "true", *_LR3]),
+    "merge_drop_lr3_margin": ("merge_drop_lr3 + decision margin 1 (weight 0.1) phased in as the noise goes",
+                              [*_MERGE, *_WARM01, "--model.drop_tokens", "true", *_LR3, "--loss.margin_weight", "0.1"]),
+    "merge_drop_lr3_loc2": ("merge_drop_lr3 with one stage, before block 2, keeping 0.45",
+                            [*_MERGE, *_WARM01, "--model.drop_tokens", "true", *_LR3, "--model.prune_loc", "[2]",
+                             "--model.keep_ratio", "0.45"]),
     "merge_warm01_loc135": ("merge_warm01 with three stages, before blocks 1, 3 and 5, at keep 0.7 (0.70/0.49/0.34)",
                             [*_MERGE, *_WARM01, "--model.prune_loc", "[1,3,5]", "--model.keep_ratio", "0.7"]),
 }
