@@ -93,6 +93,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+DENSE_GMACS = 0.07132  # the shared teacher's GMACs (dynvit.count_flops), for the ratios of the table
+
+
 def _overrides(variant: str, epochs: float) -> list[str]:
     out = []
     for item in VARIANTS[variant][1]:
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default="dynamicvit,noise_anneal", help="comma-separated names (see --list)")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
+    p.add_argument("--table", action="store_true", help="print the table of --json and exit (no training)")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--teacher", default=str(REPO.parent / "shared" / "checkpoints" / "cifar10_vit_dense"))
     p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs, the same for every variant")
@@ -140,12 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--eval-images", type=int, default=0, help="test images measured (class-balanced; 0 = all)")
     p.add_argument("--calib-images", type=int, default=2000, help="training images the calibration uses")
+    p.add_argument("--flops-images", type=int, default=1000, help="test images whose mean GMACs threshold mode reports")
     p.add_argument("--json", default="benchmarks/results/cifar10_ablation.json")
     args, rest = p.parse_known_args(argv)
     extra = [a for a in rest if a != "--"]
     if args.list:
         for name, (what, overrides) in VARIANTS.items():
             print(f"{name:28s} {what}\n{'':28s} {' '.join(overrides) or '(the preset as it is)'}")
+        return
+    if args.table:
+        print(table(json.loads(Path(args.json).read_text()), DENSE_GMACS))
         return
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         loader = [(x, y) for x, y in loader]  # decoded once, measured three times
         calib_set = _images(train, data_config, balanced_subset(train.targets, args.calib_images, seed=1))
         calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))])
-        flops_images = torch.cat([x for x, _ in loader])[:64]
+        flops_images = torch.cat([x for x, _ in loader])[: args.flops_images]
         config = json.loads((final / "config.json").read_text())["dynvit"]
         for row in measure(model, loader, calib, flops_images):
             row.update(variant=name, what=VARIANTS[name][0], budget=steps_note, dropped_tokens=config.get("dropped_tokens"),
@@ -186,20 +194,32 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    print(table(rows, DENSE_GMACS))
 
 
 def bench_indices(targets, n: int):
     return balanced_subset(targets, n, seed=0) if n else None
 
 
-def table(rows: list[dict]) -> str:
-    head = ["variant", "budget", "mode", "kept fraction (target)", "GMACs", "top-1"]
-    body = []
+def table(rows: list[dict], dense_gmacs: float | None = None) -> str:
+    """One line per variant: top-k, threshold as trained (kept fraction per stage against the
+    target) and calibrated threshold (kept tokens per image, mean [p5-p95]), each with top-1."""
+    by_variant: dict[tuple, dict] = {}
     for r in rows:
-        kept = " / ".join(f"{k:.3f}" for k in r["kept_fraction"])
-        target = " / ".join(f"{t:.3f}" for t in r["target"])
-        body.append([r["variant"], r["budget"], r["mode"], f"{kept} ({target})", f"{r['gmacs']:.4f}", f"{r['top1']:.2f}"])
+        by_variant.setdefault((r["variant"], r["budget"]), {})[r["mode"]] = r
+    ratio = (lambda g: f" ({g / dense_gmacs:.3f})") if dense_gmacs else (lambda g: "")
+    head = ["variant", "what it changes", "budget", "top-k: top-1", "threshold p > 0.5: kept (target)", "top-1",
+            "GMACs", "calibrated: kept per image", "top-1", "GMACs"]
+    body = []
+    for (name, budget), modes in by_variant.items():
+        k, t, c = modes.get("topk"), modes.get("threshold"), modes.get("calibrated")
+        if not (k and t and c):
+            continue
+        kept = " / ".join(f"{a:.3f}" for a in t["kept_fraction"])
+        target = " / ".join(f"{a:.3f}" for a in t["target"])
+        spread = " / ".join(f"{q['mean']:.1f} [{q['p5']:.0f}-{q['p95']:.0f}]" for q in c.get("kept_tokens") or [])
+        body.append([name, k["what"], budget, f"{k['top1']:.2f}", f"{kept} ({target})", f"{t['top1']:.2f}",
+                     f"{t['gmacs']:.4f}{ratio(t['gmacs'])}", spread, f"{c['top1']:.2f}", f"{c['gmacs']:.4f}{ratio(c['gmacs'])}"])
     return bench.markdown_table(head, body)
 
 

@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sweep", default="0.9,0.8,0.7,0.6,0.5", help="budgets of the sweep ('' = none)")
     p.add_argument("--eval-images", type=int, default=0, help="test images (class-balanced; 0 = all 10,000)")
     p.add_argument("--calib-images", type=int, default=2000, help="training images for dynvit.calibrate")
+    p.add_argument("--flops-images", type=int, default=1000,
+                   help="test images whose mean GMACs threshold mode reports (other modes: fixed shapes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="benchmarks/results/cifar10_accuracy.json")
     p.add_argument("--markdown", default="benchmarks/results/cifar10_accuracy.md")
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     loader = [(x.to(args.device), y.to(args.device)) for x, y in torch.utils.data.DataLoader(test, batch_size=250)]
     calib_set = _dataset(args, "train", dense, args.calib_images, 1)
     calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))]).to(args.device)
-    flops_images = torch.cat([x for x, _ in loader])[:64]
+    flops_images = torch.cat([x for x, _ in loader])[: args.flops_images]
 
     rows = measure_budget(dense, tuned, finetuned, loader, calib, flops_images, args.keep_ratio, tome_r, args)
     text = [f"## Keep ratio {args.keep_ratio} ({len(test)} test images)\n", bench.results_table(rows)]
