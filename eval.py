@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prune-loc", type=lambda s: [int(v) for v in s.split(",")], help="stages, e.g. 3,6,9 (no checkpoint)")
     p.add_argument("--tome-r", type=int, help="ToMe tokens merged per block (default: matched to dynvit's GMACs)")
     p.add_argument("--flops-only", action="store_true", help="GMACs, tokens and parameters only: no data, no timing")
-    p.add_argument("--flops-images", type=int, default=16, help="images averaged for threshold-mode GMACs")
+    p.add_argument("--flops-images", type=int, default=64,
+                   help="images (spread over the classes) averaged for threshold-mode GMACs")
     p.add_argument("--no-speed", action="store_true", help="skip the timing")
     p.add_argument("--speed-batch", type=int, default=64, help="the large timed batch (batch 1 is always timed)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per model and batch (median reported)")
@@ -210,10 +211,10 @@ def run(args) -> dict:
         loader = make_loader(dataset, args)
         calib = calibration_images(args, trained, held_out) if calibrating else None
         n = min(len(dataset), max(args.flops_images, args.speed_batch))
-        images = torch.stack([dataset[i][0] for i in range(n)]).to(args.device)
+        images = torch.stack([dataset[i][0] for i in bench.spread_indices(len(dataset), n)]).to(args.device)
     elif mode == "threshold" and trained is not None:
         raise SystemExit("threshold mode keeps a different number of tokens per image: give --data, or use --mode topk")
-    flops_images = images[: args.flops_images] if images is not None else None
+    flops_images = images[bench.spread_indices(len(images), args.flops_images)] if images is not None else None
     common = dict(input_size=input_size, dynvit_model=trained, finetuned=finetuned, methods=methods, mode=mode,
                   prune_loc=args.prune_loc, tome_r=args.tome_r, loader=loader, seed=args.seed)
     batch_sizes = () if args.flops_only or args.no_speed or args.sweep else (1, args.speed_batch)

@@ -25,7 +25,7 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 import dynvit
-from dynvit.benchmark import evaluate_modes, kept_token_stats
+from dynvit.benchmark import evaluate_modes, kept_token_stats, spread_indices
 from dynvit.config import Config, ConfigError, load_config, save_config, to_dict
 from dynvit.data import DataError, build_datasets, data_loader, resolve_data, scan_image_folder
 from dynvit.losses import PruningLoss, classification_criterion
@@ -191,8 +191,8 @@ def train(cfg: Config) -> dict:
     # The loop.
     step, metrics, stopped = state.step, {}, False
     running, seen_steps, start = {}, 0, time.time()
-    n_flops = min(cfg.train.flops_images, len(val_set))  # the first validation images, the same every epoch
-    flop_images = torch.stack([val_set[i][0] for i in range(n_flops)]).to(accelerator.device) if n_flops else None
+    flop_ix = spread_indices(len(val_set), cfg.train.flops_images)  # every class, the same images every epoch
+    flop_images = torch.stack([val_set[i][0] for i in flop_ix]).to(accelerator.device) if flop_ix else None
     for epoch in range(step // steps_per_epoch, cfg.train.epochs):
         training_model.train()
         train_set.set_epoch(epoch)

@@ -36,6 +36,13 @@ from dynvit import benchmark as bench  # noqa: E402
 from dynvit.data import SeededImageDataset, balanced_subset, build_transform, scan_image_folder  # noqa: E402
 from dynvit.hub import load_pretrained  # noqa: E402
 
+# What every variant starts from: the DynamicViT-style recipe the preset had before this ablation
+# (Bernoulli masks, dropped tokens discarded, masked training path, a predictor-only warm-up over
+# half the run, the per-image loader), so each row differs from it only in what it names.
+BASE = ["--model.dropped_tokens", "discard", "--model.drop_tokens", "false", "--noise.kind", "constant",
+        "--noise.scale_start", "1", "--noise.scale_end", "1", "--optim.warmup_epochs", "{0.5}",
+        "--optim.backbone_freeze_epochs", "{0.5}", "--data.cache", "none", "--loss.margin_weight", "0",
+        "--loss.ratio_per", "image"]
 _MERGE = ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}",
           "--model.dropped_tokens", "merge"]
 _WARM01 = ["--optim.warmup_epochs", "{0.1}", "--optim.backbone_freeze_epochs", "{0.1}"]
@@ -83,6 +90,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                         "--model.prune_loc", "[2]", "--model.keep_ratio", "0.45"]),
     "merge_drop_lr3": ("merge_warm01_drop with predictors at lr 3e-3 (backbone still 1e-4)",
                        [*_MERGE, *_WARM01, "--model.drop_tokens", "true", *_LR3]),
+    "merge_drop_margin": ("merge_warm01_drop + decision margin 1 (weight 0.1) phased in as the noise goes",
+                          [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--loss.margin_weight", "0.1"]),
+    "merge_drop_loc135": ("merge_warm01_drop with three stages, before blocks 1, 3 and 5, at keep 0.7 (0.70/0.49/0.34)",
+                          [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--model.prune_loc", "[1,3,5]",
+                           "--model.keep_ratio", "0.7"]),
+    "merge_drop_loc12345": ("merge_warm01_drop with a stage before every block from 1, at keep 0.8 (0.80 ... 0.33), "
+                            "ToMe-like gradual reduction",
+                            [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--model.prune_loc", "[1,2,3,4,5]",
+                             "--model.keep_ratio", "0.8"]),
+    "merge_drop_floor": ("merge_warm01_drop with the noise annealed to 0.2 instead of 0 (a noise floor)",
+                         [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--noise.scale_end", "0.2"]),
     "merge_drop_lr3_margin": ("merge_drop_lr3 + decision margin 1 (weight 0.1) phased in as the noise goes",
                               [*_MERGE, *_WARM01, "--model.drop_tokens", "true", *_LR3, "--loss.margin_weight", "0.1"]),
     "merge_drop_lr3_loc2": ("merge_drop_lr3 with one stage, before block 2, keeping 0.45",
@@ -98,7 +116,7 @@ DENSE_GMACS = 0.07132  # the shared teacher's GMACs (dynvit.count_flops), for th
 
 def _overrides(variant: str, epochs: float) -> list[str]:
     out = []
-    for item in VARIANTS[variant][1]:
+    for item in BASE + VARIANTS[variant][1]:
         if item.startswith("{") and item.endswith("}"):
             item = str(round(float(item[1:-1]) * epochs, 4))
         out.append(item)
@@ -150,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = [a for a in rest if a != "--"]
     if args.list:
         for name, (what, overrides) in VARIANTS.items():
-            print(f"{name:28s} {what}\n{'':28s} {' '.join(overrides) or '(the preset as it is)'}")
+            print(f"{name:28s} {what}\n{'':28s} {' '.join(overrides) or '(the base recipe, BASE)'}")
         return
     if args.table:
         print(table(json.loads(Path(args.json).read_text()), DENSE_GMACS))
@@ -184,9 +202,13 @@ def main(argv: list[str] | None = None) -> None:
         loader = [(x, y) for x, y in loader]  # decoded once, measured three times
         calib_set = _images(train, data_config, balanced_subset(train.targets, args.calib_images, seed=1))
         calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))])
-        flops_images = torch.cat([x for x, _ in loader])[: args.flops_images]
+        everything = torch.cat([x for x, _ in loader])
+        flops_images = everything[bench.spread_indices(len(everything), args.flops_images)]
         config = json.loads((final / "config.json").read_text())["dynvit"]
-        for row in measure(model, loader, calib, flops_images):
+        measured = measure(model, loader, calib, flops_images)
+        path = Path(args.json)  # read again: another run of this script may have written rows meanwhile
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        for row in measured:
             row.update(variant=name, what=VARIANTS[name][0], budget=steps_note, dropped_tokens=config.get("dropped_tokens"),
                        keep_ratio=args.keep_ratio, prune_loc=config["prune_loc"], checkpoint=str(final))
             rows = [r for r in rows if not (r["variant"] == name and r["mode"] == row["mode"]

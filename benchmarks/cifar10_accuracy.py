@@ -66,6 +66,19 @@ def _train(config: str, out: Path, overrides: list[str], args) -> tuple[Path, fl
     return final, seconds
 
 
+def _scaled_schedule(cfg, epochs: int) -> list[str]:
+    """Overrides for ``epochs`` epochs that keep the preset's schedules (warm-up, backbone freeze,
+    noise and tau annealing, all given in epochs) at the same fractions of the run."""
+    factor = epochs / cfg.train.epochs
+    out = ["--train.epochs", str(epochs)]
+    for key, value in (("optim.warmup_epochs", cfg.optim.warmup_epochs),
+                       ("optim.backbone_freeze_epochs", cfg.optim.backbone_freeze_epochs),
+                       ("noise.anneal_epochs", cfg.noise.anneal_epochs), ("tau.anneal_epochs", cfg.tau.anneal_epochs)):
+        if value is not None:
+            out += [f"--{key}", str(round(value * factor, 4))]
+    return out
+
+
 def _dataset(args, split: str, model, size: int, seed: int):
     folder = scan_image_folder(Path(args.data) / split, what=split)
     indices = balanced_subset(folder.targets, size, seed) if size else None
@@ -107,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="dense save_pretrained directory; 'none' trains one")
     p.add_argument("--out", default="runs/bench_cifar10")
     p.add_argument("--dense-epochs", type=int, default=24, help="epochs of the dense model when it is trained here")
-    p.add_argument("--finetune-epochs", type=int, help="default: the preset's; the same for every method")
+    p.add_argument("--finetune-epochs", type=int,
+                   help="default: the preset's; the same for every method (its schedules scale with it)")
     p.add_argument("--train-subset", type=int, default=0, help="training images per fine-tune (0 = all 50,000)")
     p.add_argument("--keep-ratio", type=float, default=0.55, help="r of the main table (about 0.65 of dense GMACs)")
     p.add_argument("--sweep", default="0.9,0.8,0.7,0.6,0.5", help="budgets of the sweep ('' = none)")
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     budget = ["--model.pretrained_path", str(teacher), "--model.keep_ratio", str(args.keep_ratio)]
     budget += ["--data.train_subset", str(args.train_subset)] if args.train_subset else []
-    budget += ["--train.epochs", str(args.finetune_epochs)] if args.finetune_epochs else []
+    budget += _scaled_schedule(load_config(REPO / PRESET), args.finetune_epochs) if args.finetune_epochs else []
     final, timings["dynvit"] = _train(PRESET, out / "dynvit", budget, args)
     tuned = load_pretrained(final, device=args.device)
     finetuned = {}
@@ -154,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     loader = [(x.to(args.device), y.to(args.device)) for x, y in torch.utils.data.DataLoader(test, batch_size=250)]
     calib_set = _dataset(args, "train", dense, args.calib_images, 1)
     calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))]).to(args.device)
-    flops_images = torch.cat([x for x, _ in loader])[: args.flops_images]
+    everything = torch.cat([x for x, _ in loader])
+    flops_images = everything[bench.spread_indices(len(everything), args.flops_images)]
 
     rows = measure_budget(dense, tuned, finetuned, loader, calib, flops_images, args.keep_ratio, tome_r, args)
     text = [f"## Keep ratio {args.keep_ratio} ({len(test)} test images)\n", bench.results_table(rows)]

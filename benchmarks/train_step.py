@@ -42,12 +42,13 @@ import time
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer import Attention, Block
 from timm.optim import create_optimizer_v2
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import dynvit  # noqa: E402
-import dynvit.model  # noqa: E402
+import dynvit.families.vit  # noqa: E402
 from dynvit.attention import masked_block  # noqa: E402
 from dynvit.benchmark import OtherCpuUse, machine_info, markdown_table, write_json  # noqa: E402
 from dynvit.config import load_config  # noqa: E402
@@ -59,12 +60,14 @@ from dynvit.training import DenseTrainingModel, create_model, create_teacher, pa
 @contextlib.contextmanager
 def explicit_attention():
     """The masked blocks with the explicit float32 softmax (the previous training path)."""
-    fused = dynvit.model.masked_block
-    dynvit.model.masked_block = functools.partial(masked_block, explicit=True)
+    registry = dynvit.families.vit._MASKED_BLOCKS
+    key = (Block, Attention)
+    fused = registry[key]
+    registry[key] = functools.partial(masked_block, explicit=True)
     try:
         yield
     finally:
-        dynvit.model.masked_block = fused
+        registry[key] = fused
 
 
 def make_steps(name: str, batch: int, mixed_precision: str, explicit: bool) -> dict:

@@ -49,6 +49,61 @@ class PruningOutput:
     keep_thresholds: torch.Tensor | None = None  # (stages,) logit thresholds the decisions used (training path)
 
 
+@dataclass
+class _PrunedRun:
+    """What stays the same over the blocks (and the groups) of one :meth:`forward_pruned` call."""
+
+    mode: str
+    thresholds: torch.Tensor
+    stage_of: dict[int, int]
+    full_rope: torch.Tensor | None
+    details: bool
+    n0: int
+    regroup: bool | str
+
+
+def _tracing() -> bool:
+    """Inside torch.jit/ONNX tracing or torch.export: no data-dependent Python control flow."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or (compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", bool)())))
+
+
+# A threshold-mode batch is padded to its largest kept count. Regrouping sorts the images by
+# count and runs the rest of the network on groups, each padded to its own largest count; a
+# further group must save this fraction of the batch's padded work to be worth its overhead.
+REGROUP_MIN_GROUP = 8
+REGROUP_MIN_SAVING = 0.05
+REGROUP_MIN_WORK = 3e8  # images x padded tokens x width**2 from which "auto" regroups
+
+
+def regroup_by_count(counts: torch.Tensor) -> list[torch.Tensor] | None:
+    """Split a batch into 2, 4, 8 ... groups of images with similar kept counts (``counts``:
+    ``(B,)``) when that cuts the padded tokens enough; None to keep it whole.
+
+    The cost of ``k`` equal groups of the sorted counts is the sum of group size times group
+    maximum (the padded tokens every later block computes), plus ``REGROUP_MIN_SAVING`` of the
+    whole batch's padded tokens for each group beyond the first.
+    """
+    B = counts.shape[0]
+    order = counts.argsort(stable=True)
+    ranked = counts[order].tolist()
+    whole = B * ranked[-1]
+    best_cost, best_k = float(whole), 1
+    k = 2
+    while B // k >= REGROUP_MIN_GROUP:
+        size = -(-B // k)
+        padded = sum(len(ranked[j:j + size]) * ranked[min(j + size, B) - 1] for j in range(0, B, size))
+        cost = padded + (k - 1) * REGROUP_MIN_SAVING * whole
+        if cost < best_cost:
+            best_cost, best_k = cost, k
+        k *= 2
+    if best_k == 1:
+        return None
+    size = -(-B // best_k)
+    return list(order.split(size))
+
+
 class DynViTMixin:
     """Modifications to a timm ``VisionTransformer``:
 
@@ -279,6 +334,14 @@ class DynViTMixin:
         return PruningOutput(logits, keep_masks, keep_logits, x, _in_place(mask, position, n0, 0.0),
                              self.keep_threshold.detach())
 
+    #: whether threshold mode regroups a batch by kept count (see :func:`regroup_by_count`); the
+    #: logits do not change, only how much padding is computed. ``"auto"`` regroups a batch whose
+    #: padded work (images x tokens x width squared) is at least ``REGROUP_MIN_WORK``: measured,
+    #: regrouping made DeiT-S at batch 64 1.10x faster (1.3e9) and the small CIFAR-10 ViT at batch
+    #: 64 1.12x slower (5e7), where each group's per-operation overhead outweighs the padding it
+    #: saves (docs/BENCHMARKS.md, sections 2 and 5). Never used while tracing or exporting.
+    threshold_regroup: bool | str = "auto"
+
     def _run_block(self, fn, *args):
         # Honour timm's set_grad_checkpointing() in the training path.
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -316,46 +379,91 @@ class DynViTMixin:
             for i, blk in enumerate(self.blocks):
                 x = self._call_block(i, blk, x, rope, None)
             return PruningOutput(self.forward_head(self.norm(x)))
-        full_rope = rope  # rotary embedding of every patch token, gathered anew at each stage
-        thresholds = self.keep_threshold if thresholds is None else thresholds
-        stage_of = self._stage_of_block()
-        merge = self.dropped_tokens == "merge"
+        run = _PrunedRun(mode=mode, thresholds=self.keep_threshold if thresholds is None else thresholds,
+                         stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0,
+                         regroup=self.threshold_regroup if mode == "threshold" and not _tracing() else False)
         position = torch.arange(n0, device=x.device).expand(B, n0)  # original index of each patch token
-        valid = None  # (B, N) False for padding; None when there is none
-        size = None  # (B, N) patches each token stands for (merging)
+        logits, keep_masks, keep_logits = self._pruned_blocks(0, x, rope, position, None, None, run)
+        return PruningOutput(logits, keep_masks, keep_logits)
+
+    def _pruned_blocks(self, start: int, x: torch.Tensor, rope, position: torch.Tensor, valid: torch.Tensor | None,
+                       size: torch.Tensor | None, run: _PrunedRun, decided: tuple | None = None):
+        """Blocks ``start``.. of :meth:`forward_pruned` on a batch or a group of it, then the
+        head: ``(logits, keep_masks, keep_logits)`` of the stages met from here.
+
+        ``valid`` is ``(B, N)`` False for padding (None: none), ``size`` the patches each token
+        stands for (merging; None: one each). ``decided`` is ``(index, index_valid)`` of the
+        stage at ``start`` when the caller already made its decisions (a regrouped batch).
+        """
+        B, p, n0 = x.shape[0], self.num_prefix_tokens, run.n0
+        merge = self.dropped_tokens == "merge"
         keep_masks, keep_logits = [], []
-        for i, blk in enumerate(self.blocks):
-            s = stage_of.get(i)
+        for i in range(start, len(self.blocks)):
+            s = run.stage_of.get(i)
             if s is not None:
-                logits = self.predictors[s](x[:, p:], valid)
-                if details:
-                    shown = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
-                    keep_logits.append(logits.new_full((B, n0), float("-inf")).scatter(1, position, shown))
-                if mode == "topk":
-                    index, index_valid = topk_indices(logits, min(num_kept(self.keep_ratio[s], n0), logits.shape[1])), None
+                if decided is not None:
+                    (index, index_valid), decided = decided, None
                 else:
-                    index, index_valid = threshold_indices(logits - thresholds[s].to(logits.dtype), valid)
-                    if B == 1:
-                        index_valid = None  # a single image is never padded
+                    logits = self.predictors[s](x[:, p:], valid)
+                    if run.details:
+                        shown = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
+                        keep_logits.append(logits.new_full((B, n0), float("-inf")).scatter(1, position, shown))
+                    if run.mode == "topk":
+                        k = min(num_kept(self.keep_ratio[s], n0), logits.shape[1])
+                        index, index_valid = topk_indices(logits, k), None
+                    else:
+                        index, index_valid = threshold_indices(logits - run.thresholds[s].to(logits.dtype), valid)
+                        groups = None
+                        if B == 1:
+                            index_valid = None  # a single image is never padded
+                        elif run.regroup is True or (run.regroup == "auto"
+                                                     and B * index.shape[1] * x.shape[-1] ** 2 >= REGROUP_MIN_WORK):
+                            if bool(index_valid.all()):
+                                index_valid = None  # every image kept as many: nothing padded
+                            else:
+                                groups = regroup_by_count(index_valid.sum(1))
+                        if groups is not None:
+                            head, masks, more_logits = self._pruned_groups(groups, i, x, position, valid, size, index,
+                                                                           index_valid, run)
+                            return head, keep_masks + masks, keep_logits + more_logits
                 if merge:
-                    patches, size = merge_gathered(x[:, p:], torch.ones_like(logits) if size is None else size, index,
-                                                   index_valid, valid)
+                    ones = x.new_ones(B, x.shape[1] - p) if size is None else size
+                    patches, size = merge_gathered(x[:, p:], ones, index, index_valid, valid)
                 else:
                     patches = batch_gather(x[:, p:], index)
                 x = torch.cat([x[:, :p], patches], dim=1)
                 position, valid = batch_gather(position, index), index_valid
-                if full_rope is not None:
-                    rope = self._gather_rope(full_rope, position)  # kept tokens keep their angles
-                if details:
+                if run.full_rope is not None:
+                    rope = self._gather_rope(run.full_rope, position)  # kept tokens keep their angles
+                if run.details:
                     src = torch.ones_like(position, dtype=torch.bool) if valid is None else valid
                     keep_masks.append(torch.zeros(B, n0, dtype=torch.bool, device=x.device).scatter(1, position, src))
-            x = self._call_block(i, blk, x, rope, None if valid is None and size is None else self._attn_mask(valid, size))
+            x = self._call_block(i, self.blocks[i], x, rope,
+                                 None if valid is None and size is None else self._attn_mask(valid, size))
         x = self.norm(x)
         if size is None:
             weight = valid
         else:
             weight = size if valid is None else size * valid
-        return PruningOutput(self._head(x, weight), keep_masks, keep_logits)
+        return self._head(x, weight), keep_masks, keep_logits
+
+    def _pruned_groups(self, groups: list[torch.Tensor], i: int, x, position, valid, size, index, index_valid,
+                       run: _PrunedRun):
+        """The rest of a threshold-mode batch as groups of images with similar kept counts, each
+        padded to its own largest count instead of the batch's; the results in batch order."""
+        parts = []
+        for g in groups:
+            g_valid = index_valid[g]
+            k = int(g_valid.sum(1).max())
+            g_valid = g_valid[:, :k]  # kept positions come first in every row
+            parts.append(self._pruned_blocks(
+                i, x[g], None, position[g], None if valid is None else valid[g], None if size is None else size[g], run,
+                decided=(index[g, :k], None if bool(g_valid.all()) else g_valid)))
+        order = torch.cat(groups).argsort()
+        def join(tensors):
+            return torch.cat(tensors)[order]
+        return (join([h for h, _, _ in parts]), [join(m) for m in zip(*(m for _, m, _ in parts))],
+                [join(lg) for lg in zip(*(lg for _, _, lg in parts))])
 
     def _attn_mask(self, valid: torch.Tensor | None, size: torch.Tensor | None) -> torch.Tensor:
         """``attn_mask`` for timm's blocks ``(B, 1, 1, P + N)``: a bool mask hiding padding, or

@@ -174,6 +174,16 @@ def test_kept_token_stats_percentiles():
         bench.kept_token_stats(torch.zeros(4))
 
 
+def test_spread_indices_cover_every_class_of_a_class_ordered_folder():
+    targets = [c for c in range(10) for _ in range(100)]  # ImageFolder order: class by class
+    for k in (10, 64, 250):
+        ix = bench.spread_indices(len(targets), k)
+        assert len(ix) == len(set(ix)) == k and ix == sorted(ix)
+        counts = torch.bincount(torch.tensor([targets[i] for i in ix]), minlength=10)
+        assert counts.min() >= k // 10 and counts.max() <= -(-k // 10) + 1  # the head alone would be class 0
+    assert bench.spread_indices(5, 8) == [0, 1, 2, 3, 4] and bench.spread_indices(5, 0) == []
+
+
 def test_masked_panels_blank_dropped_patches():
     images = torch.rand(2, 3, 16, 16) * 0.5
     mask = torch.zeros(2, 4, dtype=torch.bool)

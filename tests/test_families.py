@@ -62,6 +62,14 @@ def images(family: str, n: int = 4) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.parametrize("family", ["rope", "pe_map", "parallel_scaling"])
+def test_regrouped_threshold_batch_equals_whole_batch(family, monkeypatch):
+    from test_model import assert_regrouping_changes_nothing
+    _, model = models(family)
+    model.dropped_tokens = "merge"
+    assert_regrouping_changes_nothing(model, images(family, 16), monkeypatch)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_parity_with_timm_at_keep_ratio_one(family):
     dense, model = models(family)

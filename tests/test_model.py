@@ -67,6 +67,64 @@ def test_threshold_batch_equals_single_images(family, dropped, images):
                 assert torch.equal(b[i : i + 1], s)
 
 
+def assert_regrouping_changes_nothing(model, x, monkeypatch):
+    """A threshold batch run as groups of similar kept counts gives the whole batch's results."""
+    monkeypatch.setattr(dynvit.model, "REGROUP_MIN_GROUP", 2)  # regroup small test batches too
+    splits = []
+    def spy(counts):
+        groups = regroup(counts)
+        splits.append(groups is not None)
+        return groups
+    regroup = dynvit.model.regroup_by_count
+    monkeypatch.setattr(dynvit.model, "regroup_by_count", spy)
+    with torch.no_grad():
+        model.threshold_regroup = True
+        grouped = model.forward_pruned(x, "threshold")
+        assert any(splits), "test needs a batch that regroups"
+        model.threshold_regroup = False
+        whole = model.forward_pruned(x, "threshold")
+    torch.testing.assert_close(grouped.logits, whole.logits, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grouped.keep_masks, whole.keep_masks, strict=True):
+        assert torch.equal(g, w)
+    for g, w in zip(grouped.keep_logits, whole.keep_logits, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)  # -inf where absent, in both
+
+
+@pytest.mark.parametrize("family", ["deit_tiny", "registers", "avg_pool"])
+@pytest.mark.parametrize("dropped", ["discard", "merge"])
+def test_regrouped_threshold_batch_equals_whole_batch(family, dropped, images, monkeypatch):
+    _, model = patched(family, dropped_tokens=dropped)
+    x = torch.cat([images, images.flip(-1), 0.5 * images, images.flip(-2)])  # 16 images
+    assert_regrouping_changes_nothing(model, x, monkeypatch)
+
+
+def test_regroup_by_count_sorts_and_splits_only_when_it_pays():
+    from dynvit.model import regroup_by_count
+    counts = torch.tensor([40, 5, 38, 6, 41, 7, 39, 5] * 4)  # two clusters: padding to 41 wastes half
+    groups = regroup_by_count(counts)
+    assert groups is not None and sorted(torch.cat(groups).tolist()) == list(range(32))
+    assert all(counts[g].max() < counts[h].min() or counts[g].max() == counts[h].min()
+               for g, h in zip(groups, groups[1:]))  # sorted by count
+    assert max(counts[groups[0]].tolist()) <= 7  # the small counts are no longer padded to 41
+    assert regroup_by_count(torch.full((32,), 20)) is None  # nothing to gain
+    assert regroup_by_count(torch.tensor([40, 5] * 4)) is None  # groups would be under 8 images
+
+
+def test_auto_regroups_only_batches_with_enough_work(images, monkeypatch):
+    _, model = patched("deit_tiny")
+    x = torch.cat([images, images.flip(-1), 0.5 * images, images.flip(-2)])  # 16 images
+    calls = []
+    monkeypatch.setattr(dynvit.model, "REGROUP_MIN_GROUP", 2)
+    monkeypatch.setattr(dynvit.model, "regroup_by_count", lambda counts: calls.append(len(counts)))
+    model.threshold_regroup = "auto"
+    with torch.no_grad():
+        model.forward_pruned(x, "threshold")  # 16 images x <= 16 tokens x 192**2: far below the bar
+        assert calls == []
+        monkeypatch.setattr(dynvit.model, "REGROUP_MIN_WORK", 1)
+        model.forward_pruned(x, "threshold")
+        assert calls and calls[0] == 16
+
+
 def test_threshold_keeps_probability_above_half_and_at_least_one(images):
     _, model = patched("deit_tiny")
     with torch.no_grad():

@@ -2,7 +2,8 @@
 
 - :mod:`.accuracy`: :func:`evaluate` (and :func:`evaluate_modes`, several pruning modes in one
   pass) gives top-1, top-5, the mean patch tokens each block computes and the kept tokens of
-  every image per stage; :func:`kept_token_stats` their mean and 5th/95th percentiles.
+  every image per stage; :func:`kept_token_stats` their mean and 5th/95th percentiles;
+  :func:`spread_indices` a sample spread over a class-ordered set (for GMACs and timing).
 - :mod:`.speed`: :func:`measure_speed` gives images/s, repeats interleaved across models,
   median reported; :class:`OtherCpuUse` what other processes took meanwhile.
 - :mod:`.compare`: :func:`make_method` builds ``dense``, ``dynvit``, ``evit``, ``tome`` or
@@ -10,13 +11,13 @@
   :func:`match_tome_r` picks ToMe's ``r`` whose GMACs is closest to a target.
 - :mod:`.report`: :func:`markdown_table`, :func:`results_table` and :func:`write_json`.
 """
-from .accuracy import Accuracy, evaluate, evaluate_modes, kept_token_stats
+from .accuracy import Accuracy, evaluate, evaluate_modes, kept_token_stats, spread_indices
 from .compare import METHODS, compare, default_prune_loc, dense_backbone, make_method, match_tome_r
 from .report import markdown_table, results_table, write_json
 from .speed import OtherCpuUse, machine_info, measure_speed
 
 __all__ = [
     "METHODS", "dense_backbone", "default_prune_loc", "make_method", "evaluate",
-    "evaluate_modes", "Accuracy", "kept_token_stats", "match_tome_r", "measure_speed", "OtherCpuUse", "machine_info",
+    "evaluate_modes", "Accuracy", "kept_token_stats", "spread_indices", "match_tome_r", "measure_speed", "OtherCpuUse", "machine_info",
     "compare", "markdown_table", "results_table", "write_json",
 ]

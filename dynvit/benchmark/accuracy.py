@@ -168,3 +168,15 @@ def evaluate(model: nn.Module, loader: Iterable, *, mode: str | None = None, dev
     """:func:`evaluate_modes` for one pruning ``mode`` (``None``: the model's own)."""
     (result,) = evaluate_modes(model, loader, (mode,), device=device, accelerator=accelerator).values()
     return result
+
+
+def spread_indices(n: int, k: int) -> list[int]:
+    """``min(k, n)`` indices spread evenly over ``range(n)``. An ImageFolder lists its images class
+    by class, so the first ``k`` would all be of the first classes: GMACs in threshold mode and
+    speed measured on them would describe those classes only (easy airplanes on sky keep fewer
+    tokens than the average CIFAR-10 image)."""
+    if k <= 0 or n <= 0:
+        return []
+    if k >= n:
+        return list(range(n))
+    return torch.linspace(0, n - 1, k).round().long().tolist()

@@ -129,6 +129,10 @@ def measure_speed(
 ) -> dict:
     """Images per second of each eval-mode model at each batch size.
 
+    The calls go round consecutive batches of ``images`` (``images`` repeated when there are
+    fewer than ``bs``), so that in threshold mode, where the cost depends on the image, the
+    figure is a mean over many images rather than the cost of the first ones.
+
     Per batch size: each model is warmed up (``warmup`` calls, discarded) and given enough
     calls per repeat to run ``min_seconds``; then the repeats go round the models in turn, so
     a change in machine load hits every model alike. The median of the repeats is reported.
@@ -141,7 +145,8 @@ def measure_speed(
     device = images.device
     result: dict[str, dict[int, dict]] = {name: {} for name in models}
     for bs in batch_sizes:
-        batch = tile(images, bs)
+        batches = [tile(images, bs)] if len(images) < 2 * bs else list(images[: len(images) // bs * bs].split(bs))
+        batch = batches[0]
         calls = {}
         for name, model in models.items():
             model.eval()
@@ -158,8 +163,8 @@ def measure_speed(
                 for name, model in models.items():
                     _sync(device)
                     t0 = time.perf_counter()
-                    for _ in range(calls[name]):
-                        model(batch)
+                    for c in range(calls[name]):
+                        model(batches[c % len(batches)])
                     _sync(device)
                     rates[name].append(calls[name] * bs / (time.perf_counter() - t0))
         if other.share is not None and other.share + other.steal > 0.05:
