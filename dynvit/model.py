@@ -337,7 +337,7 @@ class DynViTMixin:
     #: whether threshold mode regroups a batch by kept count (see :func:`regroup_by_count`); the
     #: logits do not change, only how much padding is computed. ``"auto"`` regroups a batch whose
     #: padded work (images x tokens x width squared) is at least ``REGROUP_MIN_WORK``: measured,
-    #: regrouping made DeiT-S at batch 64 1.10x faster (1.3e9) and the small CIFAR-10 ViT at batch
+    #: regrouping made DeiT-S at batch 64 1.12x faster (1.3e9) and the small CIFAR-10 ViT at batch
     #: 64 1.12x slower (5e7), where each group's per-operation overhead outweighs the padding it
     #: saves (docs/BENCHMARKS.md, sections 2 and 5). Never used while tracing or exporting.
     threshold_regroup: bool | str = "auto"
