@@ -129,7 +129,10 @@ def main(argv=None) -> int:
     models["topk"].prune_mode = "topk"
     accuracy = {"dense": evaluate(dense, batches), **evaluate_modes(pruned, batches, ("topk", "threshold")),
                 "calibrated": evaluate(calibrated, batches, mode="threshold")}
-    spread = lambda k: images[spread_indices(len(images), k)]  # noqa: E731  (every class, not the first ones)
+
+    def spread(k: int) -> torch.Tensor:  # k images of every class, not the first classes' images
+        return images[spread_indices(len(images), k)]
+
     mixed = spread(256)
     mixed = mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(0))]  # each batch: every class
     speed = measure_speed(models, mixed, SPEED_BATCHES, repeats=3, min_seconds=1.0)
