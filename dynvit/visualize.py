@@ -136,15 +136,8 @@ def keep_mask_grid(
 
 def save_keep_mask_grid(path: str | os.PathLike, model: nn.Module, images: torch.Tensor, **kwargs) -> str:
     """:func:`keep_mask_grid` saved as a PNG at ``path`` (folders created); returns the path."""
-    import matplotlib.pyplot as plt
-
     fig = keep_mask_grid(model, images, **kwargs)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    _log.info("saved the keep-mask grid of %d images to %s", len(images), path)
-    return path
+    return _save_figure(fig, path, f"the keep-mask grid of {len(images)} images")
 
 
 def save_accuracy_vs_gmacs(path: str | os.PathLike, rows: Sequence[dict], *, metric: str = "top1", title: str = "") -> str:
@@ -173,12 +166,7 @@ def save_accuracy_vs_gmacs(path: str | os.PathLike, rows: Sequence[dict], *, met
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    _log.info("saved the accuracy-vs-GMACs plot to %s", path)
-    return path
+    return _save_figure(fig, path, "the accuracy-vs-GMACs plot")
 
 
 def save_kept_histogram(path: str | os.PathLike, kept_tokens: torch.Tensor, num_patches: int, *, title: str = "") -> str:
@@ -209,9 +197,16 @@ def save_kept_histogram(path: str | os.PathLike, kept_tokens: torch.Tensor, num_
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    return _save_figure(fig, path, f"the kept-token histogram of {len(counts)} images")
+
+
+def _save_figure(fig, path: str | os.PathLike, what: str) -> str:
+    """Save ``fig`` as a PNG at ``path`` (folders created), close it, and return the path."""
+    import matplotlib.pyplot as plt
+
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=150)
     plt.close(fig)
-    _log.info("saved the kept-token histogram of %d images to %s", len(counts), path)
+    _log.info("saved %s to %s", what, path)
     return path
