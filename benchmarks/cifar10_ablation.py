@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown variants {unknown}; see --list")
     epochs = int(args.epochs) if float(args.epochs).is_integer() else args.epochs
     steps_note = f"{epochs} epoch(s)"
-    rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
+    path = Path(args.json)
+    test = scan_image_folder(Path(args.data) / "test", what="test")
+    train = scan_image_folder(Path(args.data) / "train", what="training")
     for name in names:
         out = REPO / args.out / f"{name}_r{args.keep_ratio}_e{args.epochs}"
         final = out / "final"
@@ -195,8 +197,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"= trained {name} in {time.time() - t0:.0f} s", flush=True)
         model = load_pretrained(final)
         data_config = dict(model.pretrained_cfg)
-        test = scan_image_folder(Path(args.data) / "test", what="test")
-        train = scan_image_folder(Path(args.data) / "train", what="training")
         test_set = _images(test, data_config, bench_indices(test.targets, args.eval_images))
         loader = torch.utils.data.DataLoader(test_set, batch_size=250, num_workers=1)
         loader = [(x, y) for x, y in loader]  # decoded once, measured three times
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         flops_images = everything[bench.spread_indices(len(everything), args.flops_images)]
         config = json.loads((final / "config.json").read_text())["dynvit"]
         measured = measure(model, loader, calib, flops_images)
-        path = Path(args.json)  # read again: another run of this script may have written rows meanwhile
+        # Read just before writing: another run of this script may have added rows meanwhile.
         rows = json.loads(path.read_text()) if path.is_file() else []
         for row in measured:
             row.update(variant=name, what=VARIANTS[name][0], budget=steps_note, dropped_tokens=config.get("dropped_tokens"),
@@ -214,9 +214,10 @@ def main(argv: list[str] | None = None) -> None:
             rows = [r for r in rows if not (r["variant"] == name and r["mode"] == row["mode"]
                                             and r["keep_ratio"] == row["keep_ratio"] and r["budget"] == row["budget"])]
             rows.append(row)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(table(rows, DENSE_GMACS))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=1))
+    if path.is_file():
+        print(table(json.loads(path.read_text()), DENSE_GMACS))
 
 
 def bench_indices(targets, n: int):
