@@ -47,6 +47,11 @@ _MERGE = ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_ep
           "--model.dropped_tokens", "merge"]
 _WARM01 = ["--optim.warmup_epochs", "{0.1}", "--optim.backbone_freeze_epochs", "{0.1}"]
 _LR3 = ["--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333"]
+# merge_warm01_drop with the in-memory data path: the preset before the match prior.
+_DROP = [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--data.cache", "memory"]
+_MATCH = [*_DROP, "--model.predictor_prior", "match"]
+# The preset now (configs/cifar10_dynvit.yaml): the match prior, predictors a quarter as wide, keep 0.58.
+_PRESET = [*_MATCH, "--model.predictor_hidden_ratio", "0.25", "--model.keep_ratio", "0.58"]
 
 # name -> (what it changes, train.py overrides; "{f}" is replaced by f times the epochs)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -108,6 +113,25 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                              "--model.keep_ratio", "0.45"]),
     "merge_warm01_loc135": ("merge_warm01 with three stages, before blocks 1, 3 and 5, at keep 0.7 (0.70/0.49/0.34)",
                             [*_MERGE, *_WARM01, "--model.prune_loc", "[1,3,5]", "--model.keep_ratio", "0.7"]),
+    "drop_seed1": ("merge_warm01_drop with the in-memory data path (the preset before the match prior), seed 1; "
+                   "seed 0 is the accuracy table's 71.11 / 70.71", [*_DROP, "--train.seed", "1"]),
+    "match": ("drop_seed1's recipe at seed 0 + the match prior: the keep logit also ranks tokens by how much they "
+              "repeat another (ToMe's bipartite criterion; model.predictor_prior match)", _MATCH),
+    "match_seed1": ("match with seed 1", [*_MATCH, "--train.seed", "1"]),
+    "match_fixed_mlp": ("match with the predictors' MLPs frozen at their initialisation except the last bias: the "
+                        "similarity, its learned scale and the bias decide (the bias learns too slowly: training "
+                        "kept exactly the prior's half, 0.50 / 0.25, throughout)",
+                        [*_MATCH, "--optim.frozen_params",
+                         "[cls_token,pos_embed" + "".join(f",predictors.{s}.in_proj,predictors.{s}.out_mlp.0,"
+                                                           f"predictors.{s}.out_mlp.2,predictors.{s}.out_mlp.4.weight"
+                                                           for s in (0, 1)) + "]"]),
+    "match_h025_k058": ("match with predictors a quarter as wide, the GMACs saved spent on keep ratio 0.58 "
+                        "(0.58 / 0.34; the same GMACs as match): the preset", _PRESET),
+    "match_h025_k058_seed1": ("match_h025_k058 (the preset) with seed 1", [*_PRESET, "--train.seed", "1"]),
+    "match_h025_loc12345": ("match with predictors a quarter as wide and a stage before every block from 1 at keep "
+                            "0.8 (0.80 ... 0.33; ToMe-like gradual merging; the same GMACs as match)",
+                            [*_MATCH, "--model.predictor_hidden_ratio", "0.25", "--model.prune_loc", "[1,2,3,4,5]",
+                             "--model.keep_ratio", "0.8"]),
 }
 
 

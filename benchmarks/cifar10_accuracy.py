@@ -2,7 +2,7 @@
 CIFAR-10, at matched GMACs, from one dense "pretrained" ViT, each method without and with the
 same fine-tuning budget.
 
-    python benchmarks/cifar10_accuracy.py [--teacher DIR] [--finetune-epochs 2] [--keep-ratio 0.55]
+    python benchmarks/cifar10_accuracy.py [--teacher DIR] [--finetune-epochs 2] [--keep-ratio R]
     python benchmarks/cifar10_accuracy.py --teacher none --dense-epochs 24     # train the dense model too
 
 1. The dense model: ``--teacher`` (default ``../shared/checkpoints/cifar10_vit_dense``, a
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--finetune-epochs", type=int,
                    help="default: the preset's; the same for every method (its schedules scale with it)")
     p.add_argument("--train-subset", type=int, default=0, help="training images per fine-tune (0 = all 50,000)")
-    p.add_argument("--keep-ratio", type=float, default=0.55, help="r of the main table (about 0.65 of dense GMACs)")
+    p.add_argument("--keep-ratio", type=float, default=None,
+                   help="r of the main table; default the preset's (about 0.65 of dense GMACs)")
     p.add_argument("--sweep", default="0.9,0.8,0.7,0.6,0.5", help="budgets of the sweep ('' = none)")
     p.add_argument("--eval-images", type=int, default=0, help="test images (class-balanced; 0 = all 10,000)")
     p.add_argument("--calib-images", type=int, default=2000, help="training images for dynvit.calibrate")
@@ -145,10 +146,15 @@ def main(argv: list[str] | None = None) -> dict:
         teacher, timings["dense"] = _train("configs/cifar10_dense.yaml", out / "dense",
                                            ["--train.epochs", str(args.dense_epochs)], args)
     dense = load_pretrained(teacher, device=args.device)
-    prune_loc = load_config(REPO / PRESET).model.prune_loc
+    preset = load_config(REPO / PRESET).model
+    if args.keep_ratio is None:
+        args.keep_ratio = preset.keep_ratio
     size = (3, *dense.patch_embed.img_size)
-    probe = dynvit.build_model(dense.dynvit_meta["model_name"], prune_loc=prune_loc, keep_ratio=args.keep_ratio,
-                               prune_mode="topk", **dense.dynvit_meta["timm_kwargs"])
+    # The preset's predictors (width, prior) and merging, so that ToMe's r matches what dynvit computes.
+    probe = dynvit.build_model(dense.dynvit_meta["model_name"], prune_loc=preset.prune_loc, keep_ratio=args.keep_ratio,
+                               prune_mode="topk", predictor_hidden_ratio=preset.predictor_hidden_ratio,
+                               predictor_prior=preset.predictor_prior, dropped_tokens=preset.dropped_tokens,
+                               **dense.dynvit_meta["timm_kwargs"])
     tome_r, _ = bench.match_tome_r(dense.cpu(), dynvit.count_flops(probe, size), size)
     dense.to(args.device)
     print(f"ToMe r={tome_r} matches dynvit's top-k GMACs at keep ratio {args.keep_ratio}", flush=True)

@@ -38,6 +38,8 @@ class ModelConfig:
     sampler: str = "gumbel"  # training-time mask sampler: gumbel, deterministic or soft
     predictor_hidden_ratio: float = 1.0  # predictor width as a multiple of the embedding width
     dropped_tokens: str = "discard"  # what a stage does with the tokens it drops: discard, or merge into the most similar kept one
+    predictor_prior: str = "none"  # none, or match: the keep logit also ranks tokens by how much they repeat another (ToMe's criterion)
+    match_scale: float = 8.0  # initial weight of the match prior (keep logit per unit of cosine similarity; learned)
     drop_tokens: bool = False  # training removes dropped tokens after each stage's first block (cheaper step)
     method: str = "dynvit"  # token reduction to train: dynvit, or a baseline: evit, tome, random
     tome_r: int = 0  # tokens ToMe merges in each block (method tome)
@@ -155,6 +157,7 @@ class Config:
 _CHOICES = {
     "model.sampler": ("gumbel", "deterministic", "soft"),
     "model.method": ("dynvit", "evit", "tome", "random"),
+    "model.predictor_prior": ("none", "match"),
     "data.cache": ("none", "memory"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
     "tau.kind": ("constant", "linear", "cosine", "exponential"),

@@ -169,6 +169,7 @@ class DynViTMixin:
             "sampler": self.sampler,
             "predictor_hidden_ratio": self.predictor_hidden_ratio,
             "dropped_tokens": self.dropped_tokens,
+            "predictor_prior": self.predictor_prior,
         }
 
     # ---- shared pieces ------------------------------------------------------------------

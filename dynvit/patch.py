@@ -66,6 +66,8 @@ def patch(
     sampler: str = "gumbel",
     predictor_hidden_ratio: float = 1.0,
     dropped_tokens: str = "discard",
+    predictor_prior: str = "none",
+    match_scale: float = 8.0,
 ) -> nn.Module:
     """Patch a timm VisionTransformer in place so that it learns to drop patch tokens.
 
@@ -85,6 +87,11 @@ def patch(
         dropped_tokens: ``discard`` (DynamicViT) or ``merge``: each dropped token is averaged
             into the kept token most similar to it, and attention weighs tokens by size
             (:mod:`dynvit.merge`).
+        predictor_prior: ``none`` (DynamicViT's predictor) or ``match``: the keep logit also
+            ranks tokens by how much they repeat another (ToMe's bipartite criterion, see
+            :class:`~dynvit.predictor.TokenPredictor`); meant with ``dropped_tokens="merge"``.
+        match_scale: the match prior's initial weight (keep logit per unit of cosine
+            similarity; learned). The larger it is, the less the learned MLP can overrule it.
 
     Returns:
         The same model object, now an instance of a dynvit subclass of its class.
@@ -105,7 +112,8 @@ def patch(
     for s in range(len(loc)):
         prev = ratios[s - 1] if s else 1.0
         predictors.append(
-            TokenPredictor(model.embed_dim, hidden_ratio=predictor_hidden_ratio, init_keep_prob=ratios[s] / prev)
+            TokenPredictor(model.embed_dim, hidden_ratio=predictor_hidden_ratio, init_keep_prob=ratios[s] / prev,
+                           prior=predictor_prior, match_scale=match_scale)
         )
     predictors.to(device=ref.device, dtype=ref.dtype).train(model.training)
 
@@ -116,6 +124,7 @@ def patch(
     model.register_buffer("keep_threshold", torch.zeros(len(loc), device=ref.device))
     model.prune_loc = loc
     model.predictor_hidden_ratio = predictor_hidden_ratio
+    model.predictor_prior = predictor_prior
     model.keep_ratio = ratios
     model.prune_mode = prune_mode
     model.sampler = sampler
@@ -135,13 +144,16 @@ def build_model(
     sampler: str = "gumbel",
     predictor_hidden_ratio: float = 1.0,
     dropped_tokens: str = "discard",
+    predictor_prior: str = "none",
+    match_scale: float = 8.0,
     **timm_kwargs,
 ) -> nn.Module:
     """Create a timm model by name and patch it.
 
     Args:
         name: timm model name, e.g. ``deit_small_patch16_224``.
-        prune_loc, keep_ratio, prune_mode, sampler, predictor_hidden_ratio, dropped_tokens: see
+        prune_loc, keep_ratio, prune_mode, sampler, predictor_hidden_ratio, dropped_tokens,
+            predictor_prior, match_scale: see
             :func:`patch`.
         pretrained: load timm's pretrained weights (from the hub; needs network access).
         pretrained_path: load a local weight file instead (timm or dynvit checkpoint,
@@ -163,6 +175,8 @@ def build_model(
         sampler=sampler,
         predictor_hidden_ratio=predictor_hidden_ratio,
         dropped_tokens=dropped_tokens,
+        predictor_prior=predictor_prior,
+        match_scale=match_scale,
     )
     model.dynvit_meta = {"model_name": name, "timm_kwargs": dict(timm_kwargs)}
     if pretrained_path:

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TokenPredictor"]
+__all__ = ["TokenPredictor", "PREDICTOR_PRIORS", "MATCH_KEEP_OFFSET", "match_prior"]
+
+#: what a predictor adds to its learned logit: nothing, or the ``match`` prior (see TokenPredictor)
+PREDICTOR_PRIORS = ("none", "match")
+#: logit added to the tokens the ``match`` prior keeps ahead of the others (far above the logistic noise)
+MATCH_KEEP_OFFSET = 10.0
 
 
 class TokenPredictor(nn.Module):
@@ -22,15 +27,34 @@ class TokenPredictor(nn.Module):
     of once per token, and nothing is concatenated. The parameters (and state-dict keys) are
     those of the plain MLP.
 
+    With ``prior="match"`` the logit also says how much a token repeats another, the criterion
+    of ToMe's bipartite matching: the tokens alive at the stage are split alternately (by rank in
+    patch order) into candidates and destinations; a destination gets ``MATCH_KEEP_OFFSET``
+    added (kept ahead of every candidate while the stage keeps half or more), a candidate gets
+    ``-match_scale * s``, where ``s`` is its highest cosine similarity to a destination. So a
+    candidate that nearly duplicates a kept token is dropped first, and merging
+    (``dropped_tokens="merge"``) folds it into a token that carries the same content. The MLP's
+    logit and the learned ``match_scale`` decide between the two criteria; the similarity is
+    read without gradient (it is a matching, as ToMe's). Measured on CIFAR-10 with merging
+    (docs/BENCHMARKS.md, "Which tokens"): DynamicViT's learned logit picks barely better than a
+    random choice, and this criterion better than both.
+
     Args:
         embed_dim: token width of the backbone.
         hidden_ratio: width of the embedding as a multiple of ``embed_dim``.
         init_keep_prob: keep probability the predictor outputs at initialisation (through
             the last bias), so fine-tuning starts near the target ratio, not at 0.5.
+        prior: ``none`` (DynamicViT's predictor) or ``match`` (above).
+        match_scale: initial ``match_scale`` (logit units per unit of cosine similarity).
     """
 
-    def __init__(self, embed_dim: int, *, hidden_ratio: float = 1.0, init_keep_prob: float = 0.5):
+    def __init__(self, embed_dim: int, *, hidden_ratio: float = 1.0, init_keep_prob: float = 0.5, prior: str = "none",
+                 match_scale: float = 8.0):
         super().__init__()
+        if prior not in PREDICTOR_PRIORS:
+            raise ValueError(f"predictor prior must be one of {PREDICTOR_PRIORS}, got {prior!r}")
+        self.prior = prior
+        self.match_scale = nn.Parameter(torch.tensor(float(match_scale))) if prior == "match" else None
         hidden = max(4, int(embed_dim * hidden_ratio) // 4 * 4)
         self.local_dim = hidden // 2
         self.in_proj = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden), nn.GELU())
@@ -69,4 +93,29 @@ class TokenPredictor(nn.Module):
         h = F.linear(local, first.weight[:, :d]) + F.linear(glob, first.weight[:, d:], first.bias)
         for layer in self.out_mlp[1:]:
             h = layer(h)
-        return h.squeeze(-1)
+        logits = h.squeeze(-1)
+        if self.prior == "match":
+            logits = logits + self.match_prior(x, mask)
+        return logits
+
+    def match_prior(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, N)`` the ``match`` prior's logit term (see the class docstring)."""
+        return match_prior(x, mask, self.match_scale)
+
+
+def match_prior(x: torch.Tensor, mask: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor:
+    """``(B, N)`` keep-logit prior of ToMe's bipartite criterion for tokens ``x`` ``(B, N, C)``.
+
+    The tokens alive under ``mask`` (``> 0.5``; ``None``: all) are split alternately by their
+    rank in patch order: ranks 1, 3, 5 ... are destinations and get ``MATCH_KEEP_OFFSET``; the
+    others get ``-scale * s``, ``s`` their highest cosine similarity to a destination. The rank
+    among alive tokens (not the position) makes the split the same whether dead tokens stay in
+    place (masked path) or were removed (pruned path). No gradient reaches ``x``.
+    """
+    alive = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.detach() > 0.5
+    destination = alive & (alive.long().cumsum(dim=1) % 2 == 0)  # 0-based alive rank odd
+    z = F.normalize(x.detach(), dim=-1)
+    sim = (z @ z.transpose(1, 2)).masked_fill(~destination[:, None, :], -1.0)
+    best = sim.amax(dim=-1)  # (B, N) highest similarity to a destination
+    scale = scale.to(best.dtype) if isinstance(scale, torch.Tensor) else scale
+    return torch.where(destination, torch.full_like(best, MATCH_KEEP_OFFSET), -scale * best)

@@ -41,6 +41,7 @@ def create_model(cfg: Config, num_classes: int) -> nn.Module:
     if m.prune_loc and m.method == "dynvit":
         return build_model(m.name, prune_loc=m.prune_loc, keep_ratio=m.keep_ratio, sampler=m.sampler,
                            predictor_hidden_ratio=m.predictor_hidden_ratio, dropped_tokens=m.dropped_tokens,
+                           predictor_prior=m.predictor_prior, match_scale=m.match_scale,
                            pretrained=m.pretrained,
                            pretrained_path=path, **kwargs)
     model = timm.create_model(m.name, pretrained=m.pretrained, **kwargs)

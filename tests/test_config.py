@@ -70,6 +70,7 @@ def test_overrides_are_typed():
     (["--model.kwargs", "3"], ["model.kwargs", "mapping"]),
     (["--optim.lr"], ["--optim.lr needs a value"]),
     (["--aug.scale", "[0.9, 0.1]"], ["aug.scale"]),
+    (["--model.predictor_prior", "tome"], ["model.predictor_prior", "'tome'", "match"]),
 ])
 def test_bad_flags_are_named(args, words):
     with pytest.raises(ConfigError) as e:

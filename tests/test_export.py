@@ -90,10 +90,17 @@ def test_onnx_threshold_matches_pytorch_for_different_kept_counts(model, inputs,
     assert model.prune_mode == "threshold" and model.keep_ratio == (0.6, 0.36), "export changed the model's settings"
 
 
-@pytest.mark.parametrize("dropped", ["discard", "merge"])
+@pytest.mark.parametrize("dropped", ["discard", "merge", "merge+match"])
 def test_onnx_threshold_uses_calibrated_thresholds(model, inputs, tmp_path, dropped):
-    """The thresholds dynvit.calibrate sets are buffers: the exported graph applies them."""
+    """The thresholds dynvit.calibrate sets are buffers: the exported graph applies them (also
+    with the match prior, whose logits depend on which tokens are alive)."""
     tuned = copy.deepcopy(model)
+    if dropped == "merge+match":
+        dropped = "merge"
+        tuned = dynvit.build_model("deit_tiny_patch16_224", prune_loc=PRUNE_LOC, keep_ratio=0.6, img_size=64,
+                                   depth=DEPTH, num_classes=5, predictor_prior="match")
+        tuned.load_state_dict(model.state_dict(), strict=False)  # the same weights, plus match_scale
+        tuned.eval()
     tuned.dropped_tokens = dropped
     dynvit.calibrate(tuned, torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(7)), keep_ratio=0.4)
     result = export_model(tuned, tmp_path / "calibrated.onnx", mode="threshold", inputs=inputs[:4])

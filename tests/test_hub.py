@@ -114,3 +114,21 @@ def test_dense_export_seeds_a_pruning_model(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(student(x), dense(x), atol=1e-6)
+
+
+def test_match_prior_round_trip(tmp_path):
+    """The predictor prior and its learned scale are saved and rebuilt."""
+    model = dynvit.build_model("vit_tiny_patch16_224", prune_loc=(1, 3), keep_ratio=[0.6, 0.36],
+                               dropped_tokens="merge", predictor_prior="match", **TINY)
+    randomize_(model, scale=0.5).eval()
+    with torch.no_grad():
+        model.predictors[1].match_scale.fill_(3.25)
+    save_pretrained(model, tmp_path / "m", classes=CLASSES)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["dynvit"]["predictor_prior"] == "match"
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.predictor_prior == "match" and loaded.predictors[1].match_scale.item() == 3.25
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for mode in ("threshold", "topk"):
+            assert torch.equal(model.forward_pruned(x, mode).logits, loaded.forward_pruned(x, mode).logits), mode

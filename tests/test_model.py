@@ -53,6 +53,27 @@ def test_masked_path_equals_pruned_path(family, mode, dropped, images):
 
 
 @pytest.mark.parametrize("family", ["deit_tiny", "registers", "avg_pool"])
+@pytest.mark.parametrize("drop", [False, True])
+def test_match_prior_masked_path_equals_pruned_path(family, drop, images):
+    """With the match prior the keep logits depend on which tokens are alive; the masked
+    path (in place, or with dropped tokens removed) and the pruned path agree, in both modes."""
+    _, model = patched(family, dropped_tokens="merge", predictor_prior="match")
+    with torch.no_grad():
+        for mode in ("topk", "threshold"):
+            pruned = model.forward_pruned(images, mode)
+            masks = [m.float() for m in pruned.keep_masks]
+            masked = model.forward_train(images, masks=masks, drop=drop)
+            torch.testing.assert_close(masked.logits, pruned.logits, atol=1e-5, rtol=1e-5)
+            for a, b in zip(masked.keep_logits, pruned.keep_logits):
+                shown = torch.isfinite(b)
+                torch.testing.assert_close(a[shown], b[shown], atol=1e-5, rtol=1e-5)
+        # Threshold mode: an image in a batch gets what it gets alone.
+        batch = model.forward_pruned(images, "threshold").logits
+        alone = torch.cat([model.forward_pruned(images[i : i + 1], "threshold").logits for i in range(len(images))])
+        torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["deit_tiny", "registers", "avg_pool"])
 @pytest.mark.parametrize("dropped", ["discard", "merge"])
 def test_threshold_batch_equals_single_images(family, dropped, images):
     _, model = patched(family, dropped_tokens=dropped)

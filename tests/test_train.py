@@ -142,7 +142,7 @@ CACHES = {"none": [], "memory": ["--data.cache", "memory", "--aug.re_prob", "0.2
 def test_killed_and_resumed_run_ends_with_the_same_weights_tau_and_noise_scale(tmp_path, cache):
     common = ["--aug.mixup", "0.8", "--aug.smoothing", "0.1", "--model.drop_path_rate", "0.1",
               "--tau.kind", "linear", "--tau.tau_end", "0.2", "--noise.kind", "cosine", "--noise.scale_end", "0",
-              "--noise.anneal_epochs", "1.5", "--model.dropped_tokens", "merge",
+              "--noise.anneal_epochs", "1.5", "--model.dropped_tokens", "merge", "--model.predictor_prior", "match",
               "--train.log_every", "1", "--data.num_workers", "1", *CACHES[cache], *QUICK_EVAL]
     train(smoke(tmp_path / "whole", *common))
     stopped = train(smoke(tmp_path / "cut", *common, "--train.stop_after_steps", "3"))  # mid-epoch (4 steps each)
