@@ -47,8 +47,10 @@ _MERGE = ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_ep
           "--model.dropped_tokens", "merge"]
 _WARM01 = ["--optim.warmup_epochs", "{0.1}", "--optim.backbone_freeze_epochs", "{0.1}"]
 _LR3 = ["--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333"]
+# merge_warm01_drop: merging, the short warm-up, dropped tokens removed in training.
+_MERGE_DROP = [*_MERGE, *_WARM01, "--model.drop_tokens", "true"]
 # merge_warm01_drop with the in-memory data path: the preset before the match prior.
-_DROP = [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--data.cache", "memory"]
+_DROP = [*_MERGE_DROP, "--data.cache", "memory"]
 _MATCH = [*_DROP, "--model.predictor_prior", "match"]
 # The preset now (configs/cifar10_dynvit.yaml): the match prior, predictors a quarter as wide, keep 0.58.
 _PRESET = [*_MATCH, "--model.predictor_hidden_ratio", "0.25", "--model.keep_ratio", "0.58"]
@@ -78,7 +80,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "merge_warm01_lr3": ("merge_warm01 with predictors at lr 3e-3 (backbone still 1e-4)",
                          [*_MERGE, *_WARM01, "--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333"]),
     "merge_warm01_drop": ("merge_warm01, dropped tokens removed after each stage's first block in training",
-                          [*_MERGE, *_WARM01, "--model.drop_tokens", "true"]),
+                          _MERGE_DROP),
     "merge_warm01_noise1": ("merge_warm01 with Bernoulli masks throughout (noise 1, as DynamicViT)",
                             ["--model.dropped_tokens", "merge", *_WARM01]),
     "merge_warm01_deterministic": ("merge_warm01 with deterministic masks throughout (noise 0)",
@@ -94,22 +96,22 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                        [*_MERGE, *_WARM01, "--optim.lr", "3e-3", "--optim.backbone_lr_scale", "0.0333",
                         "--model.prune_loc", "[2]", "--model.keep_ratio", "0.45"]),
     "merge_drop_lr3": ("merge_warm01_drop with predictors at lr 3e-3 (backbone still 1e-4)",
-                       [*_MERGE, *_WARM01, "--model.drop_tokens", "true", *_LR3]),
+                       [*_MERGE_DROP, *_LR3]),
     "merge_drop_margin": ("merge_warm01_drop + decision margin 1 (weight 0.1) phased in as the noise goes",
-                          [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--loss.margin_weight", "0.1"]),
+                          [*_MERGE_DROP, "--loss.margin_weight", "0.1"]),
     "merge_drop_loc135": ("merge_warm01_drop with three stages, before blocks 1, 3 and 5, at keep 0.7 (0.70/0.49/0.34)",
-                          [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--model.prune_loc", "[1,3,5]",
+                          [*_MERGE_DROP, "--model.prune_loc", "[1,3,5]",
                            "--model.keep_ratio", "0.7"]),
     "merge_drop_loc12345": ("merge_warm01_drop with a stage before every block from 1, at keep 0.8 (0.80 ... 0.33), "
                             "ToMe-like gradual reduction",
-                            [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--model.prune_loc", "[1,2,3,4,5]",
+                            [*_MERGE_DROP, "--model.prune_loc", "[1,2,3,4,5]",
                              "--model.keep_ratio", "0.8"]),
     "merge_drop_floor": ("merge_warm01_drop with the noise annealed to 0.2 instead of 0 (a noise floor)",
-                         [*_MERGE, *_WARM01, "--model.drop_tokens", "true", "--noise.scale_end", "0.2"]),
+                         [*_MERGE_DROP, "--noise.scale_end", "0.2"]),
     "merge_drop_lr3_margin": ("merge_drop_lr3 + decision margin 1 (weight 0.1) phased in as the noise goes",
-                              [*_MERGE, *_WARM01, "--model.drop_tokens", "true", *_LR3, "--loss.margin_weight", "0.1"]),
+                              [*_MERGE_DROP, *_LR3, "--loss.margin_weight", "0.1"]),
     "merge_drop_lr3_loc2": ("merge_drop_lr3 with one stage, before block 2, keeping 0.45",
-                            [*_MERGE, *_WARM01, "--model.drop_tokens", "true", *_LR3, "--model.prune_loc", "[2]",
+                            [*_MERGE_DROP, *_LR3, "--model.prune_loc", "[2]",
                              "--model.keep_ratio", "0.45"]),
     "merge_warm01_loc135": ("merge_warm01 with three stages, before blocks 1, 3 and 5, at keep 0.7 (0.70/0.49/0.34)",
                             [*_MERGE, *_WARM01, "--model.prune_loc", "[1,3,5]", "--model.keep_ratio", "0.7"]),

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         teacher, timings["dense"] = _train("configs/cifar10_dense.yaml", out / "dense",
                                            ["--train.epochs", str(args.dense_epochs)], args)
     dense = load_pretrained(teacher, device=args.device)
-    preset = load_config(REPO / PRESET).model
+    preset_cfg = load_config(REPO / PRESET)
+    preset = preset_cfg.model
     if args.keep_ratio is None:
         args.keep_ratio = preset.keep_ratio
     size = (3, *dense.patch_embed.img_size)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     budget = ["--model.pretrained_path", str(teacher), "--model.keep_ratio", str(args.keep_ratio)]
     budget += ["--data.train_subset", str(args.train_subset)] if args.train_subset else []
-    budget += _scaled_schedule(load_config(REPO / PRESET), args.finetune_epochs) if args.finetune_epochs else []
+    budget += _scaled_schedule(preset_cfg, args.finetune_epochs) if args.finetune_epochs else []
     final, timings["dynvit"] = _train(PRESET, out / "dynvit", budget, args)
     tuned = load_pretrained(final, device=args.device)
     finetuned = {}
