@@ -134,6 +134,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                             "0.8 (0.80 ... 0.33; ToMe-like gradual merging; the same GMACs as match)",
                             [*_MATCH, "--model.predictor_hidden_ratio", "0.25", "--model.prune_loc", "[1,2,3,4,5]",
                              "--model.keep_ratio", "0.8"]),
+    "match_h025_loc12345_seed1": ("match_h025_loc12345 with seed 1",
+                                  [*_PRESET, "--model.prune_loc", "[1,2,3,4,5]", "--model.keep_ratio", "0.8",
+                                   "--train.seed", "1"]),
+    "match_h025_loc135": ("the preset with three stages, before blocks 1, 3 and 5, at keep 0.71 (0.71 / 0.50 / 0.36; "
+                          "0.650 of the dense GMACs against the preset's 0.656)",
+                          [*_PRESET, "--model.prune_loc", "[1,3,5]", "--model.keep_ratio", "0.71"]),
+    "match_h025_loc13": ("the preset with its two stages one block earlier, before blocks 1 and 3, at keep 0.7 "
+                         "(0.70 / 0.49; 0.659 of the dense GMACs)",
+                         [*_PRESET, "--model.prune_loc", "[1,3]", "--model.keep_ratio", "0.7"]),
 }
 
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, lines = {}, []
     for name in models:
         ips = speed[name][bs]["images_per_s"]
-        rows[name] = {"gmacs": gmacs[name], **speed[name][bs], "speedup": ips / speed["dense"][bs]["images_per_s"],
+        rows[name] = {"gmacs": gmacs[name], **speed[name][bs], "speedup": bench.paired_speedup(speed[name][bs]["repeats"], speed["dense"][bs]["repeats"]),
                       "gmacs_ratio": gmacs[name] / gmacs["dense"]}
         lines.append([name, f"{gmacs[name]:.3f}", f"{rows[name]['gmacs_ratio']:.3f}", f"{ips:.1f}",
                       f"{rows[name]['speedup']:.2f}x"])
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"<!-- {command} -->\n{args.model} (random weights, {size[1]}x{size[2]}, {n} patches), keep "
           f"{'/'.join(f'{r:.2f}' for r in topk.keep_ratio)} before blocks {args.prune_loc}; threshold mode keeps "
           f"{'/'.join(f'{k:.1f}' for k in kept)} patches on average. {machine['processor']}, {machine['threads']} threads, "
-          f"torch {machine['torch']}, timm {machine['timm']}; median of {args.repeats} repeats at batch {bs}; 1-minute load "
+          f"torch {machine['torch']}, timm {machine['timm']}; img/s the median of {args.repeats} repeats at batch {bs}, speed-ups the median of the ratios within a round; 1-minute load "
           f"average {load:.2f} before, {after['load_average'][0]:.2f} after; CPU taken by other processes while timing: "
           f"{100 * (speed['dense'][bs]['other_cpu_share'] or 0):.0f}%\n")
     print(bench.markdown_table(["model", "GMACs", "GMACs ratio", f"img/s b{bs}", "speed-up"], lines))

@@ -4,12 +4,25 @@
 
 All models are built from one randomly initialised dense model (speed does not depend on the
 weights) and timed in this one process, repeats interleaved across models, warm-up discarded,
-median reported: dense, dynvit in top-k and in threshold mode, EViT and random dropping at the
-same stages and kept fractions, ToMe with ``r`` matched to dynvit's top-k GMACs. Untrained
+median reported: dense, dynvit in top-k and in threshold mode (with DynamicViT's predictors, as
+wide as the tokens, and with predictors ``--narrow`` as wide, the CIFAR-10 preset's quarter by
+default), EViT and random dropping at the same stages and kept fractions, ToMe with ``r``
+matched to dynvit's top-k GMACs. Untrained
 predictors get thresholds from dynvit.calibrate so that threshold mode keeps the target fraction
-on the timed images. Timings on a busy machine are worthless: the script refuses to run when
-the 1-minute load average exceeds ``--max-load`` (override with ``--force``), and measures the
-CPU time other processes took while timing (printed with the table, and in the JSON).
+on the timed images.
+
+``dynvit topk, free score`` is top-k with each predictor replaced by a score that costs nothing:
+what dynvit's pruned path costs besides its predictors. Two more rows say what this machine allows. ``ceiling`` runs timm's own blocks at top-k's kept
+token counts and does nothing else (it keeps the first tokens: a slice, no scoring, no gather):
+a pruning method runs the same blocks and adds work of its own, so the ceiling's share of its
+GMACs limit is about the most a method can reach of its own. ``1 token`` runs the dense model's
+blocks on one patch token: its time is the part of a forward pass that does not shrink with the
+tokens (the weights read from memory, the per-operation overhead), printed below the table as a
+share of the dense time.
+
+Timings on a busy machine are worthless: the script refuses to run when the 1-minute load
+average exceeds ``--max-load`` (override with ``--force``), and measures the CPU time other
+processes took while timing (printed with the table, and in the JSON).
 """
 from __future__ import annotations
 
@@ -22,13 +35,47 @@ from pathlib import Path
 
 import timm
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dynvit  # noqa: E402
 from dynvit import benchmark as bench  # noqa: E402
 from dynvit import count_flops  # noqa: E402
+from dynvit.baselines.common import embed  # noqa: E402
+from dynvit.tokens import num_kept  # noqa: E402
 
 HEADER = ["method", "setting", "GMACs", "speed-up limit (dense / GMACs)"]
+
+
+class KeptTokens(nn.Module):
+    """A dense timm ViT that keeps its first ``kept[i]`` patch tokens from block ``i`` on: timm's
+    blocks at given token counts with no scoring and no gather (a slice), for timing only.
+
+    Args:
+        dense: the timm model (shared, not copied).
+        kept: block index -> patch tokens kept from that block on.
+    """
+
+    def __init__(self, dense: nn.Module, kept: dict[int, int]):
+        super().__init__()
+        self.dense, self.kept = dense, kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = embed(self.dense, x)
+        p = self.dense.num_prefix_tokens
+        for i, block in enumerate(self.dense.blocks):
+            if i in self.kept:
+                x = x[:, : p + self.kept[i]]
+            x = block(x)
+        return self.dense.forward_head(self.dense.norm(x))
+
+
+class FreeScore(nn.Module):
+    """A keep score that costs nothing (each token's first channel), in place of a predictor: dynvit's
+    pruned path without the predictors' work, for timing only."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x[..., 0]
 
 
 def build(args) -> tuple[dict, dict, torch.Tensor]:
@@ -41,16 +88,35 @@ def build(args) -> tuple[dict, dict, torch.Tensor]:
     kw = dict(prune_loc=loc, keep_ratio=args.keep_ratio)
     topk = bench.make_method(dense, "dynvit", prune_mode="topk", **kw)
     threshold = bench.make_method(dense, "dynvit", prune_mode="threshold", **kw)
-    dynvit.calibrate(threshold, images)  # thresholds that keep the target fraction of these images
+    narrow = bench.make_method(dense, "dynvit", prune_mode="topk", predictor_hidden_ratio=args.narrow, **kw)
+    narrow_threshold = bench.make_method(dense, "dynvit", prune_mode="threshold", predictor_hidden_ratio=args.narrow, **kw)
+    for m in (threshold, narrow_threshold):
+        dynvit.calibrate(m, images)  # thresholds that keep the target fraction of these images
+    free = bench.make_method(dense, "dynvit", prune_mode="topk", **kw)
+    free.predictors = nn.ModuleList(FreeScore() for _ in free.predictors)
     models = {"dense": dense, "dynvit topk": topk, "dynvit threshold": threshold,
+              f"dynvit topk, predictors x{args.narrow:g}": narrow,
+              f"dynvit threshold, predictors x{args.narrow:g}": narrow_threshold, "dynvit topk, free score": free,
               "evit": bench.make_method(dense, "evit", **kw), "random": bench.make_method(dense, "random", **kw)}
-    info = {name: {"gmacs": count_flops(m, size)} for name, m in models.items() if name != "dynvit threshold"}
-    info["dynvit threshold"] = {"gmacs": count_flops(threshold, size, images=images[: args.flops_images])}
+
+    def gmacs_of(m: nn.Module) -> float:  # threshold mode: the mean over real images
+        if getattr(m, "prune_mode", None) == "threshold":
+            return count_flops(m, size, images=images[: args.flops_images])
+        return count_flops(m, size)
+
+    info = {name: {"gmacs": gmacs_of(m)} for name, m in models.items()}
     r, gmacs = bench.match_tome_r(dense, info["dynvit topk"]["gmacs"], size)
     models["tome"], info["tome"] = bench.make_method(dense, "tome", tome_r=r), {"gmacs": gmacs, "tome_r": r}
+    n0 = dense.patch_embed.num_patches
+    models["ceiling"] = KeptTokens(dense, {i: num_kept(f, n0) for i, f in zip(loc, topk.keep_ratio)})
+    models["1 token"] = KeptTokens(dense, {0: 1})
+    for name in ("ceiling", "1 token"):
+        info[name] = {"gmacs": gmacs_of(models[name])}
     ratios = "/".join(f"{v:.2f}" for v in topk.keep_ratio)
     for name in models:
-        info[name]["setting"] = {"dense": "-", "tome": f"r={r}"}.get(name, f"keep {ratios} @ blocks {','.join(map(str, loc))}")
+        info[name]["setting"] = {"dense": "-", "tome": f"r={r}", "1 token": "blocks on 1 patch token",
+                                 "ceiling": f"timm's blocks at top-k's counts, nothing else"}.get(
+            name, f"keep {ratios} @ blocks {','.join(map(str, loc))}")
     return models, info, images
 
 
@@ -59,8 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--keep-ratio", type=float, default=0.7)
     p.add_argument("--batch", type=int, default=64, help="the large batch (batch 1 is always timed)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--min-seconds", type=float, default=2.0, help="minimum length of one timed repeat")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--min-seconds", type=float, default=0.5, help="minimum length of one timed repeat")
+    p.add_argument("--narrow", type=float, default=0.25,
+                   help="predictor width (x the embedding width) of the narrow-predictor rows; the others are 1.0 wide")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, usually the core count)")
     p.add_argument("--flops-images", type=int, default=16, help="images averaged for threshold-mode GMACs")
     p.add_argument("--max-load", type=float, default=0.5)
@@ -88,16 +156,20 @@ def main(argv: list[str] | None = None) -> None:
         line = [name, info[name]["setting"], f"{info[name]['gmacs']:.2f}", f"{limit:.2f}x"]
         for bs in (1, args.batch):
             ips = speed[name][bs]["images_per_s"]
-            up = ips / speed["dense"][bs]["images_per_s"]
+            up = bench.paired_speedup(speed[name][bs]["repeats"], speed["dense"][bs]["repeats"])
             info[name][f"b{bs}"] = {**speed[name][bs], "speedup": up, "speedup_over_limit": up / limit}
-            line += [f"{ips:.1f}", f"{up:.2f}x", f"{up / limit:.2f}"]
+            line += [f"{ips:.1f}", f"{up:.2f}x", "-" if name == "1 token" else f"{up / limit:.2f}"]
         lines.append(line)
+    fixed = {bs: speed["dense"][bs]["images_per_s"] / speed["1 token"][bs]["images_per_s"] for bs in (1, args.batch)}
+    info["token_independent_share"] = fixed
     command = "python benchmarks/speed_cpu.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     where = f"{before['processor']}, {before['threads']} threads, torch {before['torch']}, timm {before['timm']}"
     other = ", ".join(f"{100 * (speed['dense'][bs]['other_cpu_share'] or 0):.0f}% at batch {bs}" for bs in (1, args.batch))
-    print(f"<!-- {command} -->\n{args.model}, {where}; median of {args.repeats} repeats; 1-minute load average "
+    print(f"<!-- {command} -->\n{args.model}, {where}; {args.repeats} rounds of repeats of at least {args.min_seconds:g} s, img/s their median, speed-ups the median of the ratios within a round; 1-minute load average "
           f"{load:.2f} at the start; CPU taken by other processes while timing: {other}\n")
     print(bench.markdown_table(header, lines))
+    print(f"\nThe part of a dense forward that does not shrink with the tokens (`1 token` / dense time): "
+          f"{100 * fixed[1]:.0f}% at batch 1, {100 * fixed[args.batch]:.0f}% at batch {args.batch}.")
     bench.write_json(args.json, {"command": command, "machine": before, "load_average_start": load,
                                  "load_average_after": after.get("load_average"),
                                  "model": args.model, "rows": info})

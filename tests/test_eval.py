@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 
 import pytest
 import timm
@@ -126,6 +127,19 @@ def test_measure_speed_reports_medians():
     sum(i * i for i in range(300_000))
     nobody.stop()
     assert nobody.own_seconds == 0.0 and (nobody.share is None or nobody.share > 0)  # our work counted as others'
+
+
+def test_paired_speedup_cancels_a_drift_that_the_ratio_of_medians_keeps():
+    # A model exactly 1.5x faster than the base, on a machine that slows down round after round,
+    # with each model's median taken from different rounds (the base's slow first round).
+    slowdown = [1.0, 0.6, 0.9, 0.5, 0.8]
+    base = [10.0 * f for f in slowdown]
+    model = [15.0 * f for f in slowdown]
+    base[0] = 2.0  # one round where only the base was hit
+    assert bench.paired_speedup(model, base) == pytest.approx(1.5)
+    assert statistics.median(model) / statistics.median(base) != pytest.approx(1.5, abs=0.05)
+    with pytest.raises(ValueError, match="same number of repeats"):
+        bench.paired_speedup([1.0, 2.0], [1.0])
 
 
 def test_evaluate_counts_what_each_image_keeps():

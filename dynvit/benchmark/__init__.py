@@ -5,7 +5,8 @@
   every image per stage; :func:`kept_token_stats` their mean and 5th/95th percentiles;
   :func:`spread_indices` a sample spread over a class-ordered set (for GMACs and timing).
 - :mod:`.speed`: :func:`measure_speed` gives images/s, repeats interleaved across models,
-  median reported; :class:`OtherCpuUse` what other processes took meanwhile.
+  median reported; :func:`paired_speedup` the speed-up of one model over another from the
+  ratios within each round of repeats; :class:`OtherCpuUse` what other processes took meanwhile.
 - :mod:`.compare`: :func:`make_method` builds ``dense``, ``dynvit``, ``evit``, ``tome`` or
   ``random`` on a copy of one dense model, :func:`compare` measures them all alike,
   :func:`match_tome_r` picks ToMe's ``r`` whose GMACs is closest to a target.
@@ -14,10 +15,10 @@
 from .accuracy import Accuracy, evaluate, evaluate_modes, kept_token_stats, spread_indices
 from .compare import METHODS, compare, default_prune_loc, dense_backbone, make_method, match_tome_r
 from .report import markdown_table, results_table, write_json
-from .speed import OtherCpuUse, machine_info, measure_speed
+from .speed import OtherCpuUse, machine_info, measure_speed, paired_speedup
 
 __all__ = [
     "METHODS", "dense_backbone", "default_prune_loc", "make_method", "evaluate",
-    "evaluate_modes", "Accuracy", "kept_token_stats", "spread_indices", "match_tome_r", "measure_speed", "OtherCpuUse", "machine_info",
+    "evaluate_modes", "Accuracy", "kept_token_stats", "spread_indices", "match_tome_r", "measure_speed", "paired_speedup", "OtherCpuUse", "machine_info",
     "compare", "markdown_table", "results_table", "write_json",
 ]

@@ -23,7 +23,7 @@ from ..flops import count_flops
 from ..patch import is_patched, patch
 from ..ratios import normalize_keep_ratio, normalize_prune_loc
 from .accuracy import evaluate, num_patches
-from .speed import measure_speed, tile
+from .speed import measure_speed, paired_speedup, tile
 
 __all__ = ["METHODS", "dense_backbone", "default_prune_loc", "make_method", "match_tome_r",
            "compare"]
@@ -70,19 +70,21 @@ def make_method(
     tome_r: int = 0,
     prune_mode: str = "topk",
     seed: int = 0,
+    predictor_hidden_ratio: float = 1.0,
 ) -> nn.Module:
     """``method`` applied to a deep copy of the dense timm model, in eval mode.
 
-    ``dynvit`` here gets fresh, untrained predictors: use it for GMACs and speed only (a
-    trained dynvit model comes from its checkpoint). ``evit`` and ``random`` use
-    ``prune_loc``/``keep_ratio``, ``tome`` uses ``tome_r``.
+    ``dynvit`` here gets fresh, untrained predictors (``predictor_hidden_ratio`` wide): use it
+    for GMACs and speed only (a trained dynvit model comes from its checkpoint). ``evit`` and
+    ``random`` use ``prune_loc``/``keep_ratio``, ``tome`` uses ``tome_r``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     model = copy.deepcopy(dense).eval()
     if method == "dynvit":
         _log.warning("dynvit with untrained predictors: its GMACs and speed mean something, its accuracy does not")
-        patch(model, prune_loc=prune_loc, keep_ratio=keep_ratio, prune_mode=prune_mode)
+        patch(model, prune_loc=prune_loc, keep_ratio=keep_ratio, prune_mode=prune_mode,
+              predictor_hidden_ratio=predictor_hidden_ratio)
         model.dynvit_meta = getattr(dense, "dynvit_meta", None)
     elif method == "evit":
         patch_evit(model, prune_loc=prune_loc, keep_ratio=keep_ratio)
@@ -279,5 +281,5 @@ def _derive(rows: dict[str, dict]) -> None:
         row["gmacs_ratio"] = row["gmacs"] / base["gmacs"]
         row["speedup_limit"] = base["gmacs"] / row["gmacs"]
         for bs, s in row.get("speed", {}).items():
-            s["speedup"] = s["images_per_s"] / base["speed"][bs]["images_per_s"]
+            s["speedup"] = paired_speedup(s["repeats"], base["speed"][bs]["repeats"])
             s["speedup_over_limit"] = s["speedup"] / row["speedup_limit"]

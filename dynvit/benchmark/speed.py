@@ -2,7 +2,8 @@
 used the CPU meanwhile.
 
 :func:`measure_speed` is the one timer of dynvit (``eval.py``, ``scripts/demo.py`` and the
-benchmarks use it); :class:`OtherCpuUse` says whether a timing can be trusted.
+benchmarks use it), :func:`paired_speedup` the one way its results become speed-ups;
+:class:`OtherCpuUse` says whether a timing can be trusted.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["measure_speed", "OtherCpuUse", "machine_info"]
+__all__ = ["measure_speed", "paired_speedup", "OtherCpuUse", "machine_info"]
 
 _log = logging.getLogger(__name__)
 
@@ -176,3 +177,18 @@ def measure_speed(
                                 "steal_share": other.steal}
             _log.info("%s batch %d: %.1f images/s", name, bs, result[name][bs]["images_per_s"])
     return result
+
+
+def paired_speedup(rates: Sequence[float], base_rates: Sequence[float]) -> float:
+    """Speed-up of a model over a base model timed in the same :func:`measure_speed` call, from
+    their ``"repeats"`` (images/s per round of repeats): the median over the rounds of the ratio
+    of the two rates within a round.
+
+    A round lasts a few seconds. When the machine's speed drifts over a run (on a virtual machine
+    other tenants share the memory bandwidth, which ``/proc/stat`` does not show), the drift
+    cancels in each round's ratio, whereas the ratio of the two medians keeps whatever separates
+    the rounds each median came from.
+    """
+    if len(rates) != len(base_rates) or not rates:
+        raise ValueError(f"need the same number of repeats of both models, got {len(rates)} and {len(base_rates)}")
+    return statistics.median(r / b for r, b in zip(rates, base_rates))
