@@ -1,21 +1,22 @@
 """Table 2 of docs/BENCHMARKS.md: images/s of DeiT-S at 224 on this machine, dense vs pruned.
 
-    python benchmarks/speed_cpu.py [--model deit_small_patch16_224] [--keep-ratio 0.7] [--batch 64] [--repeats 5]
+    python benchmarks/speed_cpu.py [--model deit_small_patch16_224] [--keep-ratio 0.7] [--batch 64] [--repeats 15]
 
 All models are built from one randomly initialised dense model (speed does not depend on the
 weights) and timed in this one process, repeats interleaved across models, warm-up discarded,
 median reported: dense, dynvit in top-k and in threshold mode (with DynamicViT's predictors, as
 wide as the tokens, and with predictors ``--narrow`` as wide, the CIFAR-10 preset's quarter by
-default), EViT and random dropping at the same stages and kept fractions, ToMe with ``r``
-matched to dynvit's top-k GMACs. Untrained
-predictors get thresholds from dynvit.calibrate so that threshold mode keeps the target fraction
-on the timed images.
+default), top-k with the whole of the CIFAR-10 preset's recipe (narrow predictors, the match
+prior, dropped tokens merged), EViT and random dropping at the same stages and kept fractions,
+ToMe with ``r`` matched to dynvit's top-k GMACs. Untrained predictors get thresholds from
+dynvit.calibrate so that threshold mode keeps the target fraction on the timed images.
 
 ``dynvit topk, free score`` is top-k with each predictor replaced by a score that costs nothing:
-what dynvit's pruned path costs besides its predictors. Two more rows say what this machine allows. ``ceiling`` runs timm's own blocks at top-k's kept
-token counts and does nothing else (it keeps the first tokens: a slice, no scoring, no gather):
-a pruning method runs the same blocks and adds work of its own, so the ceiling's share of its
-GMACs limit is about the most a method can reach of its own. ``1 token`` runs the dense model's
+what dynvit's pruned path costs besides its predictors. Two more rows say what this machine
+allows. ``ceiling`` runs timm's own blocks at top-k's kept token counts and does nothing else
+(it keeps the first tokens: a slice, no scoring, no gather): a pruning method runs the same
+blocks and adds work of its own, so the ceiling's share of its GMACs limit is about the most a
+method can reach of its own. ``1 token`` runs the dense model's
 blocks on one patch token: its time is the part of a forward pass that does not shrink with the
 tokens (the weights read from memory, the per-operation overhead), printed below the table as a
 share of the dense time.
@@ -92,11 +93,14 @@ def build(args) -> tuple[dict, dict, torch.Tensor]:
     narrow_threshold = bench.make_method(dense, "dynvit", prune_mode="threshold", predictor_hidden_ratio=args.narrow, **kw)
     for m in (threshold, narrow_threshold):
         dynvit.calibrate(m, images)  # thresholds that keep the target fraction of these images
+    preset = bench.make_method(dense, "dynvit", prune_mode="topk", predictor_hidden_ratio=args.narrow,
+                               predictor_prior="match", dropped_tokens="merge", **kw)
     free = bench.make_method(dense, "dynvit", prune_mode="topk", **kw)
     free.predictors = nn.ModuleList(FreeScore() for _ in free.predictors)
     models = {"dense": dense, "dynvit topk": topk, "dynvit threshold": threshold,
               f"dynvit topk, predictors x{args.narrow:g}": narrow,
-              f"dynvit threshold, predictors x{args.narrow:g}": narrow_threshold, "dynvit topk, free score": free,
+              f"dynvit threshold, predictors x{args.narrow:g}": narrow_threshold,
+              f"dynvit topk, predictors x{args.narrow:g} + match prior + merge": preset, "dynvit topk, free score": free,
               "evit": bench.make_method(dense, "evit", **kw), "random": bench.make_method(dense, "random", **kw)}
 
     def gmacs_of(m: nn.Module) -> float:  # threshold mode: the mean over real images

@@ -90,6 +90,18 @@ def test_baselines_at_full_keep_equal_dense():
     assert not dynvit.is_patched(bench.dense_backbone(dyn))
 
 
+def test_make_method_builds_the_recipe_it_is_given():
+    dense = _tiny_dense()
+    recipe = dict(predictor_hidden_ratio=0.25, predictor_prior="match", dropped_tokens="merge")
+    model = bench.make_method(dense, "dynvit", prune_loc=(1, 2), keep_ratio=0.6, prune_mode="topk", **recipe)
+    config = model.dynvit_config()
+    assert {k: config[k] for k in recipe} == recipe
+    assert all(p.prior == "match" and p.local_dim == 6 for p in model.predictors)  # a quarter of 48, halved
+    plain = bench.make_method(dense, "dynvit", prune_loc=(1, 2), keep_ratio=0.6, prune_mode="topk")
+    assert plain.dynvit_config()["dropped_tokens"] == "discard" and plain.predictors[0].local_dim == 24
+    assert not dynvit.is_patched(dense)  # a copy is patched, never the model passed in
+
+
 def test_match_tome_r_is_closest():
     dense = _tiny_dense()
     target = 0.6 * dynvit.count_flops(dense, (3, 32, 32))

@@ -71,12 +71,15 @@ def make_method(
     prune_mode: str = "topk",
     seed: int = 0,
     predictor_hidden_ratio: float = 1.0,
+    predictor_prior: str = "none",
+    dropped_tokens: str = "discard",
 ) -> nn.Module:
     """``method`` applied to a deep copy of the dense timm model, in eval mode.
 
-    ``dynvit`` here gets fresh, untrained predictors (``predictor_hidden_ratio`` wide): use it
-    for GMACs and speed only (a trained dynvit model comes from its checkpoint). ``evit`` and
-    ``random`` use ``prune_loc``/``keep_ratio``, ``tome`` uses ``tome_r``.
+    ``dynvit`` here gets fresh, untrained predictors (``predictor_hidden_ratio`` wide, with
+    ``predictor_prior``, dropping or merging per ``dropped_tokens``; see :func:`dynvit.patch`):
+    use it for GMACs and speed only (a trained dynvit model comes from its checkpoint). ``evit``
+    and ``random`` use ``prune_loc``/``keep_ratio``, ``tome`` uses ``tome_r``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -84,7 +87,8 @@ def make_method(
     if method == "dynvit":
         _log.warning("dynvit with untrained predictors: its GMACs and speed mean something, its accuracy does not")
         patch(model, prune_loc=prune_loc, keep_ratio=keep_ratio, prune_mode=prune_mode,
-              predictor_hidden_ratio=predictor_hidden_ratio)
+              predictor_hidden_ratio=predictor_hidden_ratio, predictor_prior=predictor_prior,
+              dropped_tokens=dropped_tokens)
         model.dynvit_meta = getattr(dense, "dynvit_meta", None)
     elif method == "evit":
         patch_evit(model, prune_loc=prune_loc, keep_ratio=keep_ratio)
