@@ -16,10 +16,9 @@ what dynvit's pruned path costs besides its predictors. Two more rows say what t
 allows. ``ceiling`` runs timm's own blocks at top-k's kept token counts and does nothing else
 (it keeps the first tokens: a slice, no scoring, no gather): a pruning method runs the same
 blocks and adds work of its own, so the ceiling's share of its GMACs limit is about the most a
-method can reach of its own. ``1 token`` runs the dense model's
-blocks on one patch token: its time is the part of a forward pass that does not shrink with the
-tokens (the weights read from memory, the per-operation overhead), printed below the table as a
-share of the dense time.
+method can reach of its own. ``1 token`` runs the dense model's blocks on one patch token: its
+time is the part of a forward pass that does not shrink with the tokens (the weights read from
+memory, the per-operation overhead), printed below the table as a share of the dense time.
 
 Timings on a busy machine are worthless: the script refuses to run when the 1-minute load
 average exceeds ``--max-load`` (override with ``--force``), and measures the CPU time other
