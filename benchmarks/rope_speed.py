@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     rows, lines = {}, []
     for name in models:
         ips = speed[name][bs]["images_per_s"]
-        rows[name] = {"gmacs": gmacs[name], **speed[name][bs], "speedup": bench.paired_speedup(speed[name][bs]["repeats"], speed["dense"][bs]["repeats"]),
-                      "gmacs_ratio": gmacs[name] / gmacs["dense"]}
+        up = bench.paired_speedup(speed[name][bs]["repeats"], speed["dense"][bs]["repeats"])
+        rows[name] = {"gmacs": gmacs[name], **speed[name][bs], "speedup": up, "gmacs_ratio": gmacs[name] / gmacs["dense"]}
         lines.append([name, f"{gmacs[name]:.3f}", f"{rows[name]['gmacs_ratio']:.3f}", f"{ips:.1f}",
                       f"{rows[name]['speedup']:.2f}x"])
     command = "python benchmarks/rope_speed.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"<!-- {command} -->\n{args.model} (random weights, {size[1]}x{size[2]}, {n} patches), keep "
           f"{'/'.join(f'{r:.2f}' for r in topk.keep_ratio)} before blocks {args.prune_loc}; threshold mode keeps "
           f"{'/'.join(f'{k:.1f}' for k in kept)} patches on average. {machine['processor']}, {machine['threads']} threads, "
-          f"torch {machine['torch']}, timm {machine['timm']}; img/s the median of {args.repeats} repeats at batch {bs}, speed-ups the median of the ratios within a round; 1-minute load "
-          f"average {load:.2f} before, {after['load_average'][0]:.2f} after; CPU taken by other processes while timing: "
+          f"torch {machine['torch']}, timm {machine['timm']}; img/s the median of {args.repeats} repeats at batch {bs}, "
+          f"speed-ups the median of the ratios within a round; 1-minute load average {load:.2f} before, "
+          f"{after['load_average'][0]:.2f} after; CPU taken by other processes while timing: "
           f"{100 * (speed['dense'][bs]['other_cpu_share'] or 0):.0f}%\n")
     print(bench.markdown_table(["model", "GMACs", "GMACs ratio", f"img/s b{bs}", "speed-up"], lines))
     bench.write_json(args.json, {"command": command, "machine": machine, "load_average_start": load,

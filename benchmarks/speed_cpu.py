@@ -118,7 +118,7 @@ def build(args) -> tuple[dict, dict, torch.Tensor]:
     ratios = "/".join(f"{v:.2f}" for v in topk.keep_ratio)
     for name in models:
         info[name]["setting"] = {"dense": "-", "tome": f"r={r}", "1 token": "blocks on 1 patch token",
-                                 "ceiling": f"timm's blocks at top-k's counts, nothing else"}.get(
+                                 "ceiling": "timm's blocks at top-k's counts, nothing else"}.get(
             name, f"keep {ratios} @ blocks {','.join(map(str, loc))}")
     return models, info, images
 
@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/speed_cpu.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     where = f"{before['processor']}, {before['threads']} threads, torch {before['torch']}, timm {before['timm']}"
     other = ", ".join(f"{100 * (speed['dense'][bs]['other_cpu_share'] or 0):.0f}% at batch {bs}" for bs in (1, args.batch))
-    print(f"<!-- {command} -->\n{args.model}, {where}; {args.repeats} rounds of repeats of at least {args.min_seconds:g} s, img/s their median, speed-ups the median of the ratios within a round; 1-minute load average "
-          f"{load:.2f} at the start; CPU taken by other processes while timing: {other}\n")
+    print(f"<!-- {command} -->\n{args.model}, {where}; {args.repeats} rounds of repeats of at least {args.min_seconds:g} s, "
+          f"img/s their median, speed-ups the median of the ratios within a round; 1-minute load average {load:.2f} "
+          f"at the start; CPU taken by other processes while timing: {other}\n")
     print(bench.markdown_table(header, lines))
     print(f"\nThe part of a dense forward that does not shrink with the tokens (`1 token` / dense time): "
           f"{100 * fixed[1]:.0f}% at batch 1, {100 * fixed[args.batch]:.0f}% at batch {args.batch}.")

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
             for r in rows]
     other = max(s[bs]["other_cpu_share"] or 0.0 for s in speed.values() for bs in (1, args.batch))
     title = (f"{args.checkpoint} on {len(images)} images of {args.data}; {torch.get_num_threads()} threads; "
-              f"img/s the median of {args.repeats} repeats, speed-ups the median of the ratios within a round; CPU taken by other processes while timing: up to {100 * other:.0f}%")
+              f"img/s the median of {args.repeats} repeats, speed-ups the median of the ratios within a round; "
+              f"CPU taken by other processes while timing: up to {100 * other:.0f}%")
     print(title + "\n\n" + bench.markdown_table(header, body))
     result = {"command": "python benchmarks/threshold_batch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": bench.machine_info("cpu"), "rows": rows, "speed": speed}

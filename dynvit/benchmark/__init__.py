@@ -19,6 +19,7 @@ from .speed import OtherCpuUse, machine_info, measure_speed, paired_speedup
 
 __all__ = [
     "METHODS", "dense_backbone", "default_prune_loc", "make_method", "evaluate",
-    "evaluate_modes", "Accuracy", "kept_token_stats", "spread_indices", "match_tome_r", "measure_speed", "paired_speedup", "OtherCpuUse", "machine_info",
+    "evaluate_modes", "Accuracy", "kept_token_stats", "spread_indices", "match_tome_r", "measure_speed", "paired_speedup",
+    "OtherCpuUse", "machine_info",
     "compare", "markdown_table", "results_table", "write_json",
 ]
