@@ -140,7 +140,7 @@ def train(cfg: Config) -> dict:
         cls_weight=cfg.loss.cls_weight,
         ratio_weight=cfg.loss.ratio_weight,
         distill_logits_weight=cfg.loss.distill_logits_weight if reducing else 0.0,
-        distill_tokens_weight=cfg.loss.distill_tokens_weight if pruning else 0.0,
+        distill_tokens_weight=cfg.loss.distill_tokens_weight if pruning or cfg.model.method == "dense" else 0.0,
         ratio_per=cfg.loss.ratio_per,
         margin_weight=cfg.loss.margin_weight if pruning else 0.0,
         margin=cfg.loss.margin,

@@ -2,17 +2,24 @@
 in one choice each, at the same budget, measured the same way.
 
     python benchmarks/cifar10_ablation.py --variants dynamicvit,noise_anneal [--epochs 1] [--keep-ratio 0.55]
+    python benchmarks/cifar10_ablation.py --variants signals,match_h025 --prune-loc 1,3 --keep-ratio 0.42,0.2 --rules
+    python benchmarks/cifar10_ablation.py --dataset clutter --variants signals --prune-loc 1,3 --keep-ratio 0.45,0.2
     python benchmarks/cifar10_ablation.py --list            # the variants and what each changes
 
-Every variant starts from the same dense model (``--teacher``, default the shared CIFAR-10 ViT),
-fine-tunes with ``configs/cifar10_dynvit.yaml`` plus its own overrides for ``--epochs`` epochs,
-and is measured on the test split in three ways:
+Every variant starts from the same dense model (``--teacher``, default the dataset's shared
+teacher), fine-tunes with the dataset's preset (``configs/cifar10_dynvit.yaml``, or
+``configs/cifar10_clutter_dynvit.yaml`` for ``--dataset clutter``) plus the base recipe and its
+own overrides for ``--epochs`` epochs, and is measured on the test split in three ways:
 
 - ``topk``: a fixed ``round(r * 64)`` tokens per stage (the budget),
 - ``threshold``: the thresholds the training left (logit > 0, keep probability > 0.5): the
   kept fraction per stage shows whether training converged to the decisions inference makes,
 - ``calibrated``: thresholds set by ``dynvit.calibrate`` on ``--calib-images`` training images
   for the same budget as top-k, so threshold and top-k compare at equal mean GMACs.
+
+With ``--rules`` the fine-tuned model's own predictors are also swapped for fixed rules at the
+same top-k budget (:mod:`dynvit.benchmark.selection`: random, similarity, attention), rows with
+mode ``rule:<name>``: what the learned selection adds on its own backbone.
 
 A run whose ``final/`` exists is not retrained; an interrupted one resumes. Results are
 appended to ``--json`` (one row per variant and mode) and printed as a Markdown table.
@@ -33,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import dynvit  # noqa: E402
 from dynvit import benchmark as bench  # noqa: E402
+from dynvit.benchmark.selection import evaluate_rules  # noqa: E402
 from dynvit.data import SeededImageDataset, balanced_subset, build_transform, scan_image_folder  # noqa: E402
 from dynvit.hub import load_pretrained  # noqa: E402
 
@@ -42,7 +50,8 @@ from dynvit.hub import load_pretrained  # noqa: E402
 BASE = ["--model.dropped_tokens", "discard", "--model.drop_tokens", "false", "--noise.kind", "constant",
         "--noise.scale_start", "1", "--noise.scale_end", "1", "--optim.warmup_epochs", "{0.5}",
         "--optim.backbone_freeze_epochs", "{0.5}", "--data.cache", "none", "--loss.margin_weight", "0",
-        "--loss.ratio_per", "image"]
+        "--loss.ratio_per", "image", "--model.prune_loc", "[2,4]", "--model.predictor_prior", "none",
+        "--model.predictor_hidden_ratio", "1.0", "--model.predictor_signals", "[]"]
 _MERGE = ["--noise.kind", "linear", "--noise.scale_end", "0", "--noise.anneal_epochs", "{0.7}",
           "--model.dropped_tokens", "merge"]
 _WARM01 = ["--optim.warmup_epochs", "{0.1}", "--optim.backbone_freeze_epochs", "{0.1}"]
@@ -52,8 +61,18 @@ _MERGE_DROP = [*_MERGE, *_WARM01, "--model.drop_tokens", "true"]
 # merge_warm01_drop with the in-memory data path: the preset before the match prior.
 _DROP = [*_MERGE_DROP, "--data.cache", "memory"]
 _MATCH = [*_DROP, "--model.predictor_prior", "match"]
-# The preset now (configs/cifar10_dynvit.yaml): the match prior, predictors a quarter as wide, keep 0.58.
+# The preset before the signals: the match prior, predictors a quarter as wide, keep 0.58.
 _PRESET = [*_MATCH, "--model.predictor_hidden_ratio", "0.25", "--model.keep_ratio", "0.58"]
+_H025 = ["--model.predictor_hidden_ratio", "0.25"]
+# The signals: the keep logit reads the class token's attention, redundancy ranked by the logit and size.
+_SIG = [*_DROP, *_H025, "--model.predictor_signals", "[attention,redundancy,size]"]
+
+
+def _frozen_mlp(stages: int = 2) -> list[str]:
+    """Freeze the predictors' MLPs except the last bias (what a variant names ``fixed_mlp``)."""
+    return ["--optim.frozen_params", "[cls_token,pos_embed" + "".join(
+        f",predictors.{s}.in_proj,predictors.{s}.out_mlp.0,predictors.{s}.out_mlp.2,predictors.{s}.out_mlp.4.weight"
+        for s in range(stages)) + "]"]
 
 # name -> (what it changes, train.py overrides; "{f}" is replaced by f times the epochs)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -123,13 +142,26 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "match_fixed_mlp": ("match with the predictors' MLPs frozen at their initialisation except the last bias: the "
                         "similarity, its learned scale and the bias decide (the bias learns too slowly: training "
                         "kept exactly the prior's half, 0.50 / 0.25, throughout)",
-                        [*_MATCH, "--optim.frozen_params",
-                         "[cls_token,pos_embed" + "".join(f",predictors.{s}.in_proj,predictors.{s}.out_mlp.0,"
-                                                           f"predictors.{s}.out_mlp.2,predictors.{s}.out_mlp.4.weight"
-                                                           for s in (0, 1)) + "]"]),
+                        [*_MATCH, *_frozen_mlp()]),
     "match_h025_k058": ("match with predictors a quarter as wide, the GMACs saved spent on keep ratio 0.58 "
                         "(0.58 / 0.34; the same GMACs as match): the preset", _PRESET),
     "match_h025_k058_seed1": ("match_h025_k058 (the preset) with seed 1", [*_PRESET, "--train.seed", "1"]),
+    "match_h025": ("match with predictors a quarter as wide (the preset before the signals) at the budget given",
+                   [*_MATCH, *_H025]),
+    "signals": ("drop_seed1's recipe at seed 0, predictors a quarter as wide, reading the class token's attention, "
+                "redundancy (similarity to the closest token ranked ahead by the logit) and size, with learned weights",
+                _SIG),
+    "signals_seed1": ("signals with seed 1", [*_SIG, "--train.seed", "1"]),
+    "signals_slr30": ("signals with the signal weights learning 30 times faster than the predictors (lr 0.03)",
+                      [*_SIG, "--optim.signal_lr_scale", "30"]),
+    "signals_no_attention": ("signals without the attention signal",
+                             [*_DROP, *_H025, "--model.predictor_signals", "[redundancy,size]"]),
+    "signals_no_redundancy": ("signals without the redundancy signal",
+                              [*_DROP, *_H025, "--model.predictor_signals", "[attention,size]"]),
+    "signals_no_size": ("signals without the size signal",
+                        [*_DROP, *_H025, "--model.predictor_signals", "[attention,redundancy]"]),
+    "signals_fixed_mlp": ("signals with the MLPs frozen at their initialisation except the last bias: the signals, "
+                          "their learned weights and the bias decide", [*_SIG, *_frozen_mlp()]),
     "match_h025_loc12345": ("match with predictors a quarter as wide and a stage before every block from 1 at keep "
                             "0.8 (0.80 ... 0.33; ToMe-like gradual merging; the same GMACs as match)",
                             [*_MATCH, "--model.predictor_hidden_ratio", "0.25", "--model.prune_loc", "[1,2,3,4,5]",
@@ -146,7 +178,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-DENSE_GMACS = 0.07132  # the shared teacher's GMACs (dynvit.count_flops), for the ratios of the table
+SHARED = REPO.parent / "shared"
+# name -> (preset, teacher, data)
+DATASETS = {
+    "cifar10": ("configs/cifar10_dynvit.yaml", SHARED / "checkpoints" / "cifar10_vit_dense", SHARED / "data" / "cifar10"),
+    "clutter": ("configs/cifar10_clutter_dynvit.yaml", SHARED / "checkpoints" / "cifar10_clutter_vit_dense",
+                REPO / "data" / "cifar10_clutter"),
+}
 
 
 def _overrides(variant: str, epochs: float) -> list[str]:
@@ -190,10 +228,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="dynamicvit,noise_anneal", help="comma-separated names (see --list)")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
     p.add_argument("--table", action="store_true", help="print the table of --json and exit (no training)")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
-    p.add_argument("--teacher", default=str(REPO.parent / "shared" / "checkpoints" / "cifar10_vit_dense"))
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
+    p.add_argument("--data", help="ImageFolder root (default: the dataset's)")
+    p.add_argument("--teacher", help="dense save_pretrained directory (default: the dataset's shared teacher)")
     p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs, the same for every variant")
-    p.add_argument("--keep-ratio", type=float, default=0.55, help="r: cumulative r, r**2 before blocks 2 and 4")
+    p.add_argument("--keep-ratio", default="0.55", help="r (cumulative r, r**2, ...) or cumulative fractions (0.42,0.2)")
+    p.add_argument("--prune-loc", default="", help="the stages (default: the variant's, [2,4] in the base recipe)")
+    p.add_argument("--rules", action="store_true", help="also measure fixed selection rules on each fine-tuned backbone")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--eval-images", type=int, default=0, help="test images measured (class-balanced; 0 = all)")
     p.add_argument("--calib-images", type=int, default=2000, help="training images the calibration uses")
@@ -206,8 +247,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:28s} {what}\n{'':28s} {' '.join(overrides) or '(the base recipe, BASE)'}")
         return
     if args.table:
-        print(table(json.loads(Path(args.json).read_text()), DENSE_GMACS))
+        print(table(json.loads(Path(args.json).read_text())))
         return
+    preset, teacher, data = DATASETS[args.dataset]
+    args.data, args.teacher = str(args.data or data), str(args.teacher or teacher)
+    keep = [float(v) for v in args.keep_ratio.split(",")]
+    budget = ["--model.keep_ratio", str(keep[0]) if len(keep) == 1 else "[" + args.keep_ratio + "]"]
+    budget += ["--model.prune_loc", f"[{args.prune_loc}]"] if args.prune_loc else []
+    tag = ("" if args.dataset == "cifar10" else f"{args.dataset}_") + f"r{args.keep_ratio}" + (
+        f"_loc{args.prune_loc.replace(',', '')}" if args.prune_loc else "")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -217,15 +265,15 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.json)
     test = scan_image_folder(Path(args.data) / "test", what="test")
     train = scan_image_folder(Path(args.data) / "train", what="training")
+    dense_gmacs = None
     for name in names:
-        out = REPO / args.out / f"{name}_r{args.keep_ratio}_e{args.epochs}"
+        out = REPO / args.out / f"{name}_{tag}_e{args.epochs}"
         final = out / "final"
         if not (final / "config.json").is_file():
-            cmd = [sys.executable, "train.py", "--config", "configs/cifar10_dynvit.yaml", "--data.path", args.data,
-                   "--model.pretrained_path", args.teacher, "--model.keep_ratio", str(args.keep_ratio),
-                   "--train.epochs", str(epochs), "--train.output_dir", str(out), "--train.resume", "auto",
-                   "--train.eval_modes", "[topk]", "--train.flops_images", "0", "--train.progress_bar", "false",
-                   *_overrides(name, float(args.epochs)), *extra]
+            cmd = [sys.executable, "train.py", "--config", preset, "--data.path", args.data,
+                   "--model.pretrained_path", args.teacher, "--train.epochs", str(epochs), "--train.output_dir", str(out),
+                   "--train.resume", "auto", "--train.eval_modes", "[topk]", "--train.flops_images", "0",
+                   "--train.progress_bar", "false", *_overrides(name, float(args.epochs)), *budget, *extra]
             print("+ " + " ".join(cmd), flush=True)
             t0 = time.time()
             subprocess.run(cmd, cwd=REPO, check=True)
@@ -240,44 +288,58 @@ def main(argv: list[str] | None = None) -> None:
         everything = torch.cat([x for x, _ in loader])
         flops_images = everything[bench.spread_indices(len(everything), args.flops_images)]
         config = json.loads((final / "config.json").read_text())["dynvit"]
+        if dense_gmacs is None:
+            dense_gmacs = dynvit.count_flops(bench.dense_backbone(model), tuple(flops_images.shape[1:]))
         measured = measure(model, loader, calib, flops_images)
+        if args.rules:
+            measured += [{"mode": f"rule:{r['rule']}", **r} for r in
+                         evaluate_rules(model, loader, trained=True, rules=("learned", "random", "similarity", "attention"))]
+        for row in measured:
+            row["gmacs_ratio"] = row["gmacs"] / dense_gmacs
         # Read just before writing: another run of this script may have added rows meanwhile.
         rows = json.loads(path.read_text()) if path.is_file() else []
         for row in measured:
             row.update(variant=name, what=VARIANTS[name][0], budget=steps_note, dropped_tokens=config.get("dropped_tokens"),
-                       keep_ratio=args.keep_ratio, prune_loc=config["prune_loc"], checkpoint=str(final))
-            rows = [r for r in rows if not (r["variant"] == name and r["mode"] == row["mode"]
-                                            and r["keep_ratio"] == row["keep_ratio"] and r["budget"] == row["budget"])]
+                       keep_ratio=args.keep_ratio, prune_loc=config["prune_loc"], checkpoint=str(final),
+                       dataset=args.dataset)
+            rows = [r for r in rows if not (r.get("checkpoint") == row["checkpoint"] and r["mode"] == row["mode"])]
             rows.append(row)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows, indent=1))
     if path.is_file():
-        print(table(json.loads(path.read_text()), DENSE_GMACS))
+        print(table(json.loads(path.read_text())))
 
 
 def bench_indices(targets, n: int):
     return balanced_subset(targets, n, seed=0) if n else None
 
 
-def table(rows: list[dict], dense_gmacs: float | None = None) -> str:
-    """One line per variant: top-k, threshold as trained (kept fraction per stage against the
-    target) and calibrated threshold (kept tokens per image, mean [p5-p95]), each with top-1."""
+def table(rows: list[dict]) -> str:
+    """One line per variant and budget: top-k, threshold as trained (kept fraction per stage against
+    the target) and calibrated threshold (kept tokens per image, mean [p5-p95]), each with top-1
+    and GMACs (and its ratio to the dense model's); then the rules measured on its backbone."""
     by_variant: dict[tuple, dict] = {}
     for r in rows:
-        by_variant.setdefault((r["variant"], r["budget"]), {})[r["mode"]] = r
-    ratio = (lambda g: f" ({g / dense_gmacs:.3f})") if dense_gmacs else (lambda g: "")
-    head = ["variant", "what it changes", "budget", "top-k: top-1", "threshold p > 0.5: kept (target)", "top-1",
-            "GMACs", "calibrated: kept per image", "top-1", "GMACs"]
+        key = (r["variant"], r["budget"], r.get("dataset", "cifar10"), str(r["keep_ratio"]), str(r.get("prune_loc", [2, 4])))
+        by_variant.setdefault(key, {})[r["mode"]] = r
+    dense = 0.07132  # the shared CIFAR-10 teacher's GMACs: rows written before gmacs_ratio was recorded
+
+    def ratio(row):
+        return f" ({row.get('gmacs_ratio', row['gmacs'] / dense):.3f})"
+    head = ["variant", "what it changes", "data, stages", "top-k: top-1", "threshold p > 0.5: kept (target)", "top-1",
+            "GMACs", "calibrated: kept per image", "top-1", "GMACs", "rules on its backbone: top-1"]
     body = []
-    for (name, budget), modes in by_variant.items():
+    for (name, budget, dataset, _, loc), modes in by_variant.items():
         k, t, c = modes.get("topk"), modes.get("threshold"), modes.get("calibrated")
         if not (k and t and c):
             continue
         kept = " / ".join(f"{a:.3f}" for a in t["kept_fraction"])
         target = " / ".join(f"{a:.3f}" for a in t["target"])
         spread = " / ".join(f"{q['mean']:.1f} [{q['p5']:.0f}-{q['p95']:.0f}]" for q in c.get("kept_tokens") or [])
-        body.append([name, k["what"], budget, f"{k['top1']:.2f}", f"{kept} ({target})", f"{t['top1']:.2f}",
-                     f"{t['gmacs']:.4f}{ratio(t['gmacs'])}", spread, f"{c['top1']:.2f}", f"{c['gmacs']:.4f}{ratio(c['gmacs'])}"])
+        rules = ", ".join(f"{m[5:]} {r['top1']:.2f}" for m, r in modes.items() if m.startswith("rule:"))
+        body.append([name, k["what"], f"{dataset} {budget}, {loc}", f"{k['top1']:.2f}", f"{kept} ({target})",
+                     f"{t['top1']:.2f}", f"{t['gmacs']:.4f}{ratio(t)}", spread, f"{c['top1']:.2f}",
+                     f"{c['gmacs']:.4f}{ratio(c)}", rules])
     return bench.markdown_table(head, body)
 
 

@@ -1,32 +1,41 @@
-"""The accuracy table of docs/BENCHMARKS.md: dynvit against EViT, ToMe and random dropping on
-CIFAR-10, at matched GMACs, from one dense "pretrained" ViT, each method without and with the
-same fine-tuning budget.
+"""The accuracy tables of docs/BENCHMARKS.md: dynvit against EViT, ToMe, random dropping and the
+dense model itself, on CIFAR-10 or cluttered CIFAR-10, at two budgets, each method without and
+with the same fine-tune, over several seeds; and what the learned selection adds on its own
+backbone.
 
-    python benchmarks/cifar10_accuracy.py [--teacher DIR] [--finetune-epochs 2] [--keep-ratio R]
-    python benchmarks/cifar10_accuracy.py --teacher none --dense-epochs 24     # train the dense model too
+    python benchmarks/cifar10_accuracy.py                              # CIFAR-10: seeds 0,1,2, both budgets
+    python benchmarks/cifar10_accuracy.py --dataset clutter --seeds 0  # cluttered CIFAR-10 (build it first:
+                                                                       # ../shared/tools/make_cifar10_clutter.py)
+    python benchmarks/cifar10_accuracy.py --budgets low --seeds 0 --eval-images 2000   # a quick look
 
-1. The dense model: ``--teacher`` (default ``../shared/checkpoints/cifar10_vit_dense``, a
-   ``dynvit.save_pretrained`` directory); with ``--teacher none`` or when it is missing,
-   ``configs/cifar10_dense.yaml`` is trained for ``--dense-epochs`` (about 250 s per epoch on
-   2 CPU cores; 24 epochs give the shared teacher's 71.5%).
-2. ToMe's ``r`` is matched to dynvit's top-k GMACs at ``--keep-ratio``.
-3. Fine-tunes from the dense model with one budget (``configs/cifar10_dynvit.yaml``: the same
-   epochs, data, schedule, teacher and distillation): dynvit, then EViT, ToMe and random
-   dropping through ``model.method``. A run whose ``final/`` exists is reused; an interrupted
-   one resumes.
-4. Measured on the test split: the dense row; dynvit in top-k mode and in threshold mode
-   calibrated (``dynvit.calibrate`` on ``--calib-images`` training images) to the same budget;
-   every baseline off the shelf and fine-tuned. Then the sweep: each budget of ``--sweep``
-   for dynvit (the same fine-tuned model, top-k and calibrated) and the baselines.
+For each seed (``--seeds``) and budget (``--budgets``: ``preset``, the preset's stages and keep
+ratio, about 0.65 of the dense GMACs on CIFAR-10; ``low``, about 0.45):
 
-Rows go to ``--json`` (``method``, ``finetuned``, ``mode``, ``gmacs``, ``gmacs_ratio``, ``top1``,
-...), the tables to stdout and ``--markdown``, the sweep to ``--plot``.
+1. Fine-tunes from the dense teacher with one recipe (the dataset's preset: the same epochs,
+   data, schedule, teacher and distillation, the fine-tune's seed): dynvit, then EViT, ToMe
+   (``r`` matched to dynvit's top-k GMACs) and random dropping through ``model.method``, and
+   per seed once the dense model itself (``dense+ft``: what the same fine-tune gives without
+   pruning). A run whose ``final/`` exists is reused; an interrupted one resumes.
+2. Measures on the test split: the teacher; dynvit in top-k mode, in threshold mode as trained
+   (logit > 0) and calibrated (``dynvit.calibrate`` on ``--calib-images`` training images) to
+   the top-k budget; every baseline off the shelf and fine-tuned; dense+ft.
+3. The learned selection against fixed rules on dynvit's own fine-tuned backbone
+   (:mod:`dynvit.benchmark.selection`: learned, random, similarity, attention, ...), top-k at
+   the same budget: rows in ``--selection-json``.
+4. Where the masks keep tokens (:func:`dynvit.benchmark.masks.mask_statistics`): the kept
+   fraction on even and odd patch columns per stage (top-k, threshold as trained and
+   calibrated) and, calibrated, the rank correlation between an image's kept tokens at the last
+   stage and the teacher's confidence on it.
+
+``--json`` gets every row (``method``, ``finetuned``, ``mode``, ``budget``, ``seed``, ``gmacs``,
+``gmacs_ratio``, ``top1``, ...), the summary over seeds (mean, standard deviation, min, max) and
+the wall time; ``--markdown`` the tables, also printed.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import statistics
 import subprocess
 import sys
 import time
@@ -39,20 +48,22 @@ sys.path.insert(0, str(REPO))
 
 import dynvit  # noqa: E402
 from dynvit import benchmark as bench  # noqa: E402
+from dynvit.benchmark.masks import mask_statistics  # noqa: E402
+from dynvit.benchmark.selection import evaluate_rules  # noqa: E402
 from dynvit.config import load_config  # noqa: E402
 from dynvit.data import SeededImageDataset, balanced_subset, build_transform, scan_image_folder  # noqa: E402
 from dynvit.hub import load_pretrained  # noqa: E402
-from dynvit.visualize import save_accuracy_vs_gmacs  # noqa: E402
 
+SHARED = REPO.parent / "shared"
 BASELINES = ("evit", "tome", "random")
-PRESET = "configs/cifar10_dynvit.yaml"
-
-
-def _run(cmd: list[str]) -> float:
-    print("+ " + " ".join(cmd), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True)
-    return time.time() - t0
+# name -> preset, teacher, data, and the budgets: name -> (prune_loc, cumulative keep ratios); None = the preset's
+DATASETS = {
+    "cifar10": dict(preset="configs/cifar10_dynvit.yaml", teacher=SHARED / "checkpoints" / "cifar10_vit_dense",
+                    data=SHARED / "data" / "cifar10", budgets={"preset": None, "low": ([1, 3], [0.42, 0.2])}),
+    "clutter": dict(preset="configs/cifar10_clutter_dynvit.yaml",
+                    teacher=SHARED / "checkpoints" / "cifar10_clutter_vit_dense", data=REPO / "data" / "cifar10_clutter",
+                    budgets={"preset": None, "high": ([2, 4], [0.58, 0.34])}),
+}
 
 
 def _train(config: str, out: Path, overrides: list[str], args) -> tuple[Path, float]:
@@ -61,9 +72,13 @@ def _train(config: str, out: Path, overrides: list[str], args) -> tuple[Path, fl
     if (final / "config.json").is_file():
         print(f"= {final} exists, not retrained", flush=True)
         return final, 0.0
-    seconds = _run([sys.executable, "train.py", "--config", config, "--data.path", args.data, "--train.output_dir", str(out),
-                    "--train.resume", "auto", "--train.progress_bar", "false", *overrides, *args.train_args])
-    return final, seconds
+    cmd = [sys.executable, "train.py", "--config", config, "--data.path", str(args.data), "--train.output_dir", str(out),
+           "--train.resume", "auto", "--train.progress_bar", "false", "--train.eval_modes", "[topk]",
+           "--train.flops_images", "0", *overrides, *args.train_args]
+    print("+ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return final, time.time() - t0
 
 
 def _scaled_schedule(cfg, epochs: int) -> list[str]:
@@ -85,127 +100,222 @@ def _dataset(args, split: str, model, size: int, seed: int):
     return SeededImageDataset(folder, build_transform(dict(model.pretrained_cfg), is_training=False), indices=indices)
 
 
-def _tag(rows: list[dict], **fields) -> list[dict]:
-    for row in rows:
-        method = row["method"]
-        row.setdefault("finetuned", method.endswith("+ft") or method == "dynvit")
-        row.setdefault("mode", "topk" if method == "dynvit" else "-")
-        row.update(fields)
-    return rows
+def _list(values) -> str:
+    return "[" + ",".join(str(v) for v in values) + "]"
 
 
-def measure_budget(dense, tuned, finetuned, loader, calib, flops_images, keep_ratio, tome_r, args) -> list[dict]:
-    """Every row at one budget: dense, dynvit top-k and calibrated threshold, the baselines."""
-    size = tuple(flops_images.shape[1:])
-    common = dict(input_size=size, finetuned=finetuned, loader=loader, images=flops_images, tome_r=tome_r)
-    model = copy.deepcopy(tuned)
-    model.keep_threshold.zero_()
-    rows = _tag(bench.compare(dense, dynvit_model=model, keep_ratio=keep_ratio, mode="topk", **common)[0])
-    dynvit.calibrate(model, calib, keep_ratio=keep_ratio)
-    calibrated = bench.compare(dense, dynvit_model=model, methods=("dense", "dynvit"), mode="threshold", **common)[0]
-    row = calibrated[1]
-    row.update(method="dynvit", setting=f"threshold calibrated to {keep_ratio}, {row['setting']}", mode="calibrated",
-               finetuned=True, thresholds=model.keep_threshold.tolist())
-    rows.insert(2, row)
+class Bench:
+    """One dataset's runs and measurements: the teacher, the data, and the fine-tunes by seed and budget."""
+
+    def __init__(self, args, preset_cfg):
+        self.args, self.preset = args, preset_cfg
+        self.out = REPO / args.out
+        self.dense = load_pretrained(args.teacher, device=args.device)
+        self.size = (3, *self.dense.patch_embed.img_size)
+        self.dense_gmacs = dynvit.count_flops(self.dense.cpu(), self.size)
+        self.dense.to(args.device)
+        test = _dataset(args, "test", self.dense, args.eval_images, 0)
+        self.loader = [(x.to(args.device), y.to(args.device)) for x, y in torch.utils.data.DataLoader(test, batch_size=250)]
+        self.images = len(test)
+        calib_set = _dataset(args, "train", self.dense, args.calib_images, 1)
+        self.calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))]).to(args.device)
+        everything = torch.cat([x for x, _ in self.loader])
+        self.flops_images = everything[bench.spread_indices(len(everything), args.flops_images)]
+        self.train_seconds: dict[str, float] = {}
+
+    def budget(self, name: str) -> tuple[list[int], list[float], int]:
+        """Stages, cumulative keep ratios and ToMe's matched ``r`` of a budget."""
+        spec = DATASETS[self.args.dataset]["budgets"][name]
+        m = self.preset.model
+        loc, keep = spec if spec is not None else (list(m.prune_loc), m.keep_ratio)
+        probe = dynvit.build_model(self.dense.dynvit_meta["model_name"], prune_loc=loc, keep_ratio=keep, prune_mode="topk",
+                                   predictor_hidden_ratio=m.predictor_hidden_ratio, predictor_prior=m.predictor_prior,
+                                   predictor_signals=m.predictor_signals, dropped_tokens=m.dropped_tokens,
+                                   **self.dense.dynvit_meta["timm_kwargs"])
+        tome_r, _ = bench.match_tome_r(self.dense.cpu(), dynvit.count_flops(probe, self.size), self.size)
+        self.dense.to(self.args.device)
+        return list(probe.prune_loc), list(probe.keep_ratio), tome_r
+
+    def finetune(self, method: str, seed: int, budget: str | None, extra: list[str]):
+        run = self.out / f"seed{seed}" / (method if budget is None else f"{budget}/{method}")
+        common = ["--model.pretrained_path", str(self.args.teacher), "--train.seed", str(seed)]
+        if self.args.finetune_epochs:
+            common += _scaled_schedule(self.preset, self.args.finetune_epochs)
+        if self.args.train_subset:
+            common += ["--data.train_subset", str(self.args.train_subset)]
+        method_args = [] if method == "dynvit" else ["--model.method", method]
+        final, seconds = _train(self.args.preset, run, common + method_args + extra, self.args)
+        self.train_seconds[str(run.relative_to(self.out))] = round(seconds)
+        return load_pretrained(final, device=self.args.device)
+
+    def measure(self, tuned, finetuned: dict, dense_ft, keep_ratio, tome_r) -> list[dict]:
+        """Every row at one budget and seed: the teacher, dense+ft, dynvit in three modes, the baselines."""
+        common = dict(input_size=self.size, finetuned=finetuned, loader=self.loader, images=self.flops_images, tome_r=tome_r)
+        model = copy.deepcopy(tuned)
+        model.keep_threshold.zero_()
+        rows = bench.compare(self.dense, dynvit_model=model, keep_ratio=keep_ratio, mode="topk", **common)[0]
+        for row in rows:
+            row.setdefault("finetuned", row["method"].endswith("+ft") or row["method"] == "dynvit")
+            row["mode"] = "topk" if row["method"] == "dynvit" else "-"
+        extra = []
+        for mode in ("threshold", "calibrated"):
+            if mode == "calibrated":
+                dynvit.calibrate(model, self.calib, keep_ratio=keep_ratio)
+            row = bench.compare(self.dense, dynvit_model=model, methods=("dense", "dynvit"), mode="threshold",
+                                **common)[0][1]
+            row.update(mode=mode, finetuned=True, thresholds=model.keep_threshold.tolist())
+            row["setting"] = ("as trained (logit > 0), " if mode == "threshold" else f"calibrated to {keep_ratio}, ") + \
+                row["setting"]
+            extra.append(row)
+        result = bench.evaluate(dense_ft, self.loader)
+        extra.append({"method": "dense+ft", "finetuned": True, "mode": "-", "setting": "the same fine-tune, no pruning",
+                      "gmacs": self.dense_gmacs, "params_m": sum(p.numel() for p in dense_ft.parameters()) / 1e6,
+                      **result.summary()})
+        rows = rows[:2] + extra + rows[2:]
+        for r in rows:
+            r["gmacs_ratio"] = r["gmacs"] / self.dense_gmacs
+            r["method"] = "dense" if r["method"] == "dense+ft" else r["method"].removesuffix("+ft")
+        return rows
+
+    def masks(self, tuned, keep_ratio) -> dict:
+        """Column balance per mode and, calibrated, the difficulty correlation."""
+        model = copy.deepcopy(tuned)
+        model.keep_threshold.zero_()
+        out = {"topk": mask_statistics(model, self.loader, "topk"), "threshold": mask_statistics(model, self.loader, "threshold")}
+        dynvit.calibrate(model, self.calib, keep_ratio=keep_ratio)
+        out["calibrated"] = mask_statistics(model, self.loader, "threshold", teacher=self.dense)
+        for stats in out.values():
+            stats.pop("kept_last")
+        return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean, standard deviation, min and max over seeds of each (budget, method, fine-tuned, mode)."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        r["gmacs_ratio"] = r["gmacs"] / rows[0]["gmacs"]
-        r["keep_ratio"] = keep_ratio
-    return rows
+        groups.setdefault((r["budget"], r["method"], r["finetuned"], r["mode"]), []).append(r)
+    out = []
+    for (budget, method, finetuned, mode), rs in groups.items():
+        top1 = [r["top1"] for r in rs]
+        out.append({"budget": budget, "method": method, "finetuned": finetuned, "mode": mode, "seeds": [r["seed"] for r in rs],
+                    "top1": top1, "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(rs) > 1 else 0.0,
+                    "top1_min": min(top1), "top1_max": max(top1), "gmacs_ratio": statistics.fmean(r["gmacs_ratio"] for r in rs),
+                    "setting": rs[0].get("setting", "")})
+    return out
+
+
+def _label(s: dict) -> str:
+    name = s["method"] + ("+ft" if s["finetuned"] and s["method"] != "dynvit" else "")
+    return name + (f" ({s['mode']})" if s["method"] == "dynvit" else "")
+
+
+def summary_table(summary: list[dict], budget: str) -> str:
+    body = [[_label(s), s["setting"], f"{s['gmacs_ratio']:.3f}", " / ".join(f"{v:.2f}" for v in s["top1"]),
+             f"{s['top1_mean']:.2f}", f"{s['top1_std']:.2f}"] for s in summary if s["budget"] == budget]
+    return bench.markdown_table(["method", "setting", "GMACs ratio", "top-1 per seed", "mean", "std"], body)
+
+
+def selection_table(rows: list[dict], budget: str) -> str:
+    by_rule: dict[str, list[float]] = {}
+    ratio: dict[str, float] = {}
+    for r in rows:
+        if r["budget"] == budget:
+            by_rule.setdefault(r["rule"], []).append(r["top1"])
+            ratio[r["rule"]] = r["gmacs_ratio"]
+    body = [[rule, f"{ratio[rule]:.3f}", " / ".join(f"{v:.2f}" for v in v), f"{statistics.fmean(v):.2f}"]
+            for rule, v in by_rule.items()]
+    return bench.markdown_table(["rule (on dynvit's fine-tuned backbone, top-k)", "GMACs ratio", "top-1 per seed", "mean"],
+                                body)
+
+
+def mask_table(stats: dict) -> str:
+    body = []
+    for (budget, seed), modes in stats.items():
+        for mode, s in modes.items():
+            cols = " / ".join(f"{c['even']:.3f} vs {c['odd']:.3f}" for c in s["columns"])
+            rho = f"{s['confidence_spearman']:+.3f}" if "confidence_spearman" in s else ""
+            body.append([budget, seed, mode, cols, rho])
+    return bench.markdown_table(["budget", "seed", "mode", "kept on even vs odd columns, per stage",
+                                 "spearman(kept at last stage, teacher confidence)"], body)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
-    p.add_argument("--teacher", default=str(REPO.parent / "shared" / "checkpoints" / "cifar10_vit_dense"),
-                   help="dense save_pretrained directory; 'none' trains one")
-    p.add_argument("--out", default="runs/bench_cifar10")
-    p.add_argument("--dense-epochs", type=int, default=24, help="epochs of the dense model when it is trained here")
-    p.add_argument("--finetune-epochs", type=int,
-                   help="default: the preset's; the same for every method (its schedules scale with it)")
-    p.add_argument("--train-subset", type=int, default=0, help="training images per fine-tune (0 = all 50,000)")
-    p.add_argument("--keep-ratio", type=float, default=None,
-                   help="r of the main table; default the preset's (about 0.65 of dense GMACs)")
-    p.add_argument("--sweep", default="0.9,0.8,0.7,0.6,0.5", help="budgets of the sweep ('' = none)")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
+    p.add_argument("--data", help="ImageFolder root (default: the dataset's)")
+    p.add_argument("--teacher", help="dense save_pretrained directory (default: the dataset's shared teacher)")
+    p.add_argument("--seeds", default="0,1,2", help="fine-tune seeds")
+    p.add_argument("--budgets", default="", help="comma-separated budget names (default: all of the dataset's)")
+    p.add_argument("--out", default=None, help="runs folder (default runs/bench_<dataset>)")
+    p.add_argument("--finetune-epochs", type=int, help="default: the preset's; the same for every method")
+    p.add_argument("--train-subset", type=int, default=0, help="training images per fine-tune (0 = all)")
     p.add_argument("--eval-images", type=int, default=0, help="test images (class-balanced; 0 = all 10,000)")
     p.add_argument("--calib-images", type=int, default=2000, help="training images for dynvit.calibrate")
-    p.add_argument("--flops-images", type=int, default=1000,
-                   help="test images whose mean GMACs threshold mode reports (other modes: fixed shapes)")
+    p.add_argument("--flops-images", type=int, default=1000, help="test images whose mean GMACs threshold mode reports")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default="benchmarks/results/cifar10_accuracy.json")
-    p.add_argument("--markdown", default="benchmarks/results/cifar10_accuracy.md")
-    p.add_argument("--plot", default="benchmarks/results/cifar10_accuracy.png")
+    p.add_argument("--json", default=None, help="default benchmarks/results/<dataset>_accuracy.json")
+    p.add_argument("--markdown", default=None, help="default benchmarks/results/<dataset>_accuracy.md")
+    p.add_argument("--selection-json", default=None, help="default benchmarks/results/selection_rules[_clutter].json")
     args, rest = p.parse_known_args(argv)
     args.train_args = [a for a in rest if a != "--"]
+    spec = DATASETS[args.dataset]
+    args.preset, args.data = spec["preset"], Path(args.data or spec["data"])
+    args.teacher = Path(args.teacher or spec["teacher"])
+    args.out = args.out or f"runs/bench_{args.dataset}"
+    results = REPO / "benchmarks" / "results"
+    args.json = args.json or str(results / f"{args.dataset}_accuracy.json")
+    args.markdown = args.markdown or str(results / f"{args.dataset}_accuracy.md")
+    args.selection_json = args.selection_json or str(
+        results / ("selection_rules.json" if args.dataset == "cifar10" else f"selection_rules_{args.dataset}.json"))
+    if not (args.teacher / "config.json").is_file():
+        raise SystemExit(f"no dense model at {args.teacher} (a dynvit.save_pretrained directory); pass --teacher")
     start = time.time()
-    out = REPO / args.out
-    timings = {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()] or list(spec["budgets"])
+    unknown = sorted(set(budgets) - set(spec["budgets"]))
+    if unknown:
+        raise SystemExit(f"unknown budgets {unknown} for {args.dataset}; choose from {list(spec['budgets'])}")
+    b = Bench(args, load_config(REPO / args.preset))
+    plans = {name: b.budget(name) for name in budgets}
+    for name, (loc, keep, r) in plans.items():
+        print(f"budget {name}: prune_loc {loc}, keep {[round(k, 3) for k in keep]}, ToMe r={r}", flush=True)
 
-    teacher = Path(args.teacher) if args.teacher != "none" else None
-    if teacher is None or not (teacher / "config.json").is_file():
-        print(f"no dense model at {args.teacher}: training one ({args.dense_epochs} epochs, ~250 s each on 2 CPU cores)")
-        teacher, timings["dense"] = _train("configs/cifar10_dense.yaml", out / "dense",
-                                           ["--train.epochs", str(args.dense_epochs)], args)
-    dense = load_pretrained(teacher, device=args.device)
-    preset_cfg = load_config(REPO / PRESET)
-    preset = preset_cfg.model
-    if args.keep_ratio is None:
-        args.keep_ratio = preset.keep_ratio
-    size = (3, *dense.patch_embed.img_size)
-    # The preset's predictors (width, prior) and merging, so that ToMe's r matches what dynvit computes.
-    probe = dynvit.build_model(dense.dynvit_meta["model_name"], prune_loc=preset.prune_loc, keep_ratio=args.keep_ratio,
-                               prune_mode="topk", predictor_hidden_ratio=preset.predictor_hidden_ratio,
-                               predictor_prior=preset.predictor_prior, dropped_tokens=preset.dropped_tokens,
-                               **dense.dynvit_meta["timm_kwargs"])
-    tome_r, _ = bench.match_tome_r(dense.cpu(), dynvit.count_flops(probe, size), size)
-    dense.to(args.device)
-    print(f"ToMe r={tome_r} matches dynvit's top-k GMACs at keep ratio {args.keep_ratio}", flush=True)
+    rows, selection, masks = [], [], {}
+    for seed in seeds:
+        dense_ft = b.finetune("dense", seed, None, [])
+        for name, (loc, keep, tome_r) in plans.items():
+            budget = ["--model.prune_loc", _list(loc), "--model.keep_ratio", _list(keep)]
+            tuned = b.finetune("dynvit", seed, name, budget)
+            finetuned = {m: b.finetune(m, seed, name, budget + (["--model.tome_r", str(tome_r)] if m == "tome" else []))
+                         for m in BASELINES}
+            measured = b.measure(tuned, finetuned, dense_ft, keep, tome_r)
+            for row in measured:
+                row.update(budget=name, seed=seed, keep_ratio=keep, prune_loc=loc)
+            rows += measured
+            for row in evaluate_rules(tuned, b.loader, trained=True, seed=seed, dense_gmacs=b.dense_gmacs):
+                selection.append({**row, "budget": name, "dataset": args.dataset, "checkpoint": str(b.out / f"seed{seed}")})
+            masks[(name, seed)] = b.masks(tuned, keep)
+            print(f"seed {seed}, budget {name}: done ({time.time() - start:.0f} s)", flush=True)
 
-    budget = ["--model.pretrained_path", str(teacher), "--model.keep_ratio", str(args.keep_ratio)]
-    budget += ["--data.train_subset", str(args.train_subset)] if args.train_subset else []
-    budget += _scaled_schedule(preset_cfg, args.finetune_epochs) if args.finetune_epochs else []
-    final, timings["dynvit"] = _train(PRESET, out / "dynvit", budget, args)
-    tuned = load_pretrained(final, device=args.device)
-    finetuned = {}
-    for method in BASELINES:
-        extra = ["--model.method", method] + (["--model.tome_r", str(tome_r)] if method == "tome" else [])
-        path, timings[method] = _train(PRESET, out / method, budget + extra, args)
-        finetuned[method] = load_pretrained(path, device=args.device)
-
-    test = _dataset(args, "test", dense, args.eval_images, 0)
-    loader = [(x.to(args.device), y.to(args.device)) for x, y in torch.utils.data.DataLoader(test, batch_size=250)]
-    calib_set = _dataset(args, "train", dense, args.calib_images, 1)
-    calib = torch.stack([calib_set[i][0] for i in range(len(calib_set))]).to(args.device)
-    everything = torch.cat([x for x, _ in loader])
-    flops_images = everything[bench.spread_indices(len(everything), args.flops_images)]
-
-    rows = measure_budget(dense, tuned, finetuned, loader, calib, flops_images, args.keep_ratio, tome_r, args)
-    text = [f"## Keep ratio {args.keep_ratio} ({len(test)} test images)\n", bench.results_table(rows)]
-    sweep = []
-    for r in [float(v) for v in args.sweep.split(",") if v.strip()]:
-        probe.keep_ratio = r
-        r_tome, _ = bench.match_tome_r(dense, dynvit.count_flops(probe.to(args.device), size), size)
-        sweep += measure_budget(dense, tuned, finetuned, loader, calib, flops_images, r, r_tome, args)
-        text += [f"\n## Sweep: keep ratio {r}\n", bench.results_table(sweep[-len(rows):])]
+    summary = summarize(rows)
+    text = [f"# {args.dataset}: {b.images} test images, seeds {seeds}\n"]
+    for name, (loc, keep, r) in plans.items():
+        text += [f"\n## Budget {name}: prune_loc {loc}, keep {[round(k, 3) for k in keep]}, ToMe r={r}\n",
+                 summary_table(summary, name), "\n### Learned selection against fixed rules\n", selection_table(selection, name)]
+    text += ["\n## Where the masks keep tokens\n", mask_table(masks)]
     result = {"command": "python benchmarks/cifar10_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": bench.machine_info(args.device), "teacher": str(teacher), "keep_ratio": args.keep_ratio,
-              "tome_r": tome_r, "train_seconds": timings, "wall_seconds": round(time.time() - start),
-              "finetune": {"config": PRESET, "overrides": budget + args.train_args},
-              "rows": rows, "sweep": sweep}
+              "machine": bench.machine_info(args.device), "dataset": args.dataset, "teacher": str(args.teacher),
+              "preset": args.preset, "seeds": seeds,
+              "budgets": {n: {"prune_loc": loc, "keep_ratio": keep, "tome_r": r} for n, (loc, keep, r) in plans.items()},
+              "train_seconds": b.train_seconds, "wall_seconds": round(time.time() - start), "rows": rows,
+              "summary": summary, "masks": {f"{n}/seed{s}": v for (n, s), v in masks.items()}}
     bench.write_json(args.json, result)
+    bench.write_json(args.selection_json, selection)
+    text.append(f"\nwall time {result['wall_seconds']} s")
     Path(args.markdown).write_text("\n".join(text) + "\n")
-    if sweep:
-        plot_rows = [dict(r, method=_curve(r)) for r in sweep]
-        save_accuracy_vs_gmacs(args.plot, plot_rows, title=f"CIFAR-10, {len(test)} test images")
     print("\n".join(text))
-    print(f"\nwall time {result['wall_seconds']} s; wrote {args.json}, {args.markdown}" + (f", {args.plot}" if sweep else ""))
+    print(f"wrote {args.json}, {args.markdown}, {args.selection_json}")
     return result
-
-
-def _curve(row: dict) -> str:
-    """Sweep line of a row: dynvit split by mode, baselines by fine-tuning."""
-    if row["method"] == "dynvit":
-        return f"dynvit {'threshold (calibrated)' if row['mode'] == 'calibrated' else 'top-k'}"
-    return row["method"]
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ class ModelConfig:
     dropped_tokens: str = "discard"  # what a stage does with the tokens it drops: discard, or merge into the most similar kept one
     predictor_prior: str = "none"  # none, or match: the keep logit also ranks tokens by how much they repeat another (ToMe's criterion)
     match_scale: float = 8.0  # initial weight of the match prior (keep logit per unit of cosine similarity; learned)
+    predictor_signals: list[str] = field(default_factory=list)  # what else the keep logit reads, with learned weights: attention (the class token's, in the block the stage feeds), redundancy (similarity to the closest token ranked ahead), size (patches merged into a token)
     drop_tokens: bool = False  # training removes dropped tokens after each stage's first block (cheaper step)
-    method: str = "dynvit"  # token reduction to train: dynvit, or a baseline: evit, tome, random
+    method: str = "dynvit"  # token reduction to train: dynvit, a baseline (evit, tome, random), or dense: the same fine-tune without pruning
     tome_r: int = 0  # tokens ToMe merges in each block (method tome)
 
 
@@ -100,6 +101,7 @@ class OptimConfig:
     weight_decay: float = 0.05  # decoupled weight decay (not on biases, norms, embeddings)
     eps: float = 1e-8  # optimizer epsilon
     backbone_lr_scale: float = 0.01  # backbone learning rate relative to the predictors' (pruning runs)
+    signal_lr_scale: float = 1.0  # learning rate of the predictors' signal weights and match scale relative to the predictors' (a few scalars: Adam moves each by about lr per step)
     backbone_freeze_epochs: float = 5  # backbone learning rate is 0 before this epoch (pruning runs)
     frozen_params: list[str] = field(default_factory=list)  # parameter-name prefixes never trained (e.g. pos_embed)
     clip_grad: float | None = None  # max gradient norm; None = no clipping
@@ -156,7 +158,7 @@ class Config:
 
 _CHOICES = {
     "model.sampler": ("gumbel", "deterministic", "soft"),
-    "model.method": ("dynvit", "evit", "tome", "random"),
+    "model.method": ("dynvit", "evit", "tome", "random", "dense"),
     "model.predictor_prior": ("none", "match"),
     "data.cache": ("none", "memory"),
     "aug.mixup_mode": ("batch", "pair", "elem"),
@@ -168,7 +170,7 @@ _CHOICES = {
 }
 _POSITIVE = ("data.batch_size", "data.val_batch_size", "optim.lr", "optim.grad_accum_steps", "train.epochs", "train.log_every",
              "train.eval_every_epochs", "tau.tau_start", "tau.tau_end", "train.keep_checkpoints")
-_NON_NEGATIVE = ("model.tome_r", "data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
+_NON_NEGATIVE = ("optim.signal_lr_scale", "model.tome_r", "data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
                  "optim.warmup_epochs", "optim.backbone_freeze_epochs", "train.save_every_steps", "train.stop_after_steps",
                  "train.flops_images", "loss.cls_weight", "loss.ratio_weight", "loss.distill_logits_weight",
                  "loss.distill_tokens_weight", "loss.margin_weight", "loss.margin")
@@ -318,6 +320,9 @@ def validate(cfg: Config) -> Config:
         value = flat[section][name]
         if value < 0 or (key in _POSITIVE and value == 0):
             raise ConfigError(f"{key}: must be {'> 0' if key in _POSITIVE else '>= 0'}, got {value}")
+    bad_signals = [s for s in cfg.model.predictor_signals if s not in ("attention", "redundancy", "size")]
+    if bad_signals:
+        raise ConfigError(f"model.predictor_signals: {bad_signals} not in ('attention', 'redundancy', 'size')")
     bad_modes = [m for m in cfg.train.eval_modes if m not in ("threshold", "topk", "none")]
     if bad_modes:
         raise ConfigError(f"train.eval_modes: {bad_modes} not in ('threshold', 'topk', 'none')")

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .families.pool import weighted_pool
-from .families.vit import vit_masked_block
+from .families.vit import check_class_attention, vit_class_attention, vit_masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
 from .merge import merge_gathered, merge_masked, size_bias
 from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio
@@ -170,6 +170,7 @@ class DynViTMixin:
             "predictor_hidden_ratio": self.predictor_hidden_ratio,
             "dropped_tokens": self.dropped_tokens,
             "predictor_prior": self.predictor_prior,
+            "predictor_signals": list(self.predictor_signals),
         }
 
     # ---- shared pieces ------------------------------------------------------------------
@@ -206,6 +207,23 @@ class DynViTMixin:
     def _stage_of_block(self) -> dict[int, int]:
         return {b: s for s, b in enumerate(self.prune_loc)}
 
+    def _keep_logits(self, s: int, i: int, x: torch.Tensor, rope, mask: torch.Tensor | None,
+                     size: torch.Tensor | None) -> torch.Tensor:
+        """Stage ``s``'s keep logits ``(B, N)`` for the patch tokens of ``x`` ``(B, P + N, C)``
+        entering block ``i``; ``mask`` ``(B, N)`` marks the alive ones (None: all), ``size`` the
+        patches each stands for (None: one each)."""
+        predictor = self.predictors[s]
+        p = self.num_prefix_tokens
+        if not getattr(predictor, "signals", ()):
+            return predictor(x[:, p:], mask)
+        attention = None
+        if predictor.needs_attention:
+            alive = torch.ones(x.shape[0], x.shape[1] - p, dtype=torch.bool, device=x.device) if mask is None \
+                else mask.detach() > 0.5
+            with torch.no_grad():
+                attention = self._class_attention(i, self.blocks[i], x.detach(), rope, alive, size)
+        return predictor(x[:, p:], mask, attention=attention, size=size)
+
     # ---- family seam: VisionTransformer here, other families override ------------------------
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens ``(B, P + N0, C)`` and the rotary embedding of the ``N0`` patch tokens, in the
@@ -230,6 +248,19 @@ class DynViTMixin:
                       key_bias: torch.Tensor | None) -> torch.Tensor:
         """Block ``index`` with the keep mask ``token_mask`` ``(B, N)`` in its softmax (masked path)."""
         return vit_masked_block(block, x, token_mask, key_bias)
+
+    @staticmethod
+    def check_class_attention(model: nn.Module, prune_loc) -> None:
+        """Raise ``NotImplementedError`` where :meth:`_class_attention` cannot read a block of
+        ``prune_loc`` (called by :func:`dynvit.patch` before it changes anything)."""
+        for b in prune_loc:
+            check_class_attention(model.blocks[b], b)
+
+    def _class_attention(self, index: int, block: nn.Module, x: torch.Tensor, rope, alive: torch.Tensor,
+                         size: torch.Tensor | None) -> torch.Tensor:
+        """``(B, N)`` the class token's attention to each alive patch token in block ``index``
+        (the predictors' ``attention`` signal), from its input ``x`` ``(B, P + N, C)``."""
+        return vit_class_attention(block, x, self.num_prefix_tokens, self.cls_token is not None, alive, size)
 
     def _pool_includes_prefix(self) -> bool:
         """Whether average or attention pooling reads the prefix tokens."""
@@ -292,7 +323,7 @@ class DynViTMixin:
         for i, blk in enumerate(self.blocks):
             s = stage_of.get(i)
             if s is not None:
-                logits = self.predictors[s](x[:, p:], mask)
+                logits = self._keep_logits(s, i, x, rope, mask, size)
                 if masks is None:
                     decision = sample_keep_mask(logits - self.keep_threshold[s].to(logits.dtype), tau, self.sampler,
                                                 noise_scale)
@@ -405,7 +436,7 @@ class DynViTMixin:
                 if decided is not None:
                     (index, index_valid), decided = decided, None
                 else:
-                    logits = self.predictors[s](x[:, p:], valid)
+                    logits = self._keep_logits(s, i, x, rope, valid, size)
                     if run.details:
                         shown = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
                         keep_logits.append(logits.new_full((B, n0), float("-inf")).scatter(1, position, shown))

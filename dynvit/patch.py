@@ -19,7 +19,7 @@ from torch import nn
 from .families.eva import EvaMixin, check_eva
 from .families.vit import check_vit
 from .model import DynViTMixin
-from .predictor import TokenPredictor
+from .predictor import TokenPredictor, check_signals
 from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio, normalize_prune_loc
 
 __all__ = ["patch", "build_model", "is_patched"]
@@ -68,6 +68,7 @@ def patch(
     dropped_tokens: str = "discard",
     predictor_prior: str = "none",
     match_scale: float = 8.0,
+    predictor_signals: Sequence[str] = (),
 ) -> nn.Module:
     """Patch a timm VisionTransformer in place so that it learns to drop patch tokens.
 
@@ -92,6 +93,11 @@ def patch(
             :class:`~dynvit.predictor.TokenPredictor`); meant with ``dropped_tokens="merge"``.
         match_scale: the match prior's initial weight (keep logit per unit of cosine
             similarity; learned). The larger it is, the less the learned MLP can overrule it.
+        predictor_signals: what else the predictors read, with learned weights
+            (:mod:`dynvit.signals`): ``attention`` (the class token's attention in the block
+            the stage feeds; timm ``Block``/``ResPostBlock`` with ``Attention``), ``redundancy``
+            (similarity to the closest token ranked ahead) and ``size`` (patches merged into a
+            token).
 
     Returns:
         The same model object, now an instance of a dynvit subclass of its class.
@@ -107,13 +113,16 @@ def patch(
     check_prune_mode(prune_mode)
     if dropped_tokens not in DROPPED_TOKENS:
         raise ValueError(f"dropped_tokens must be one of {DROPPED_TOKENS}, got {dropped_tokens!r}")
+    signals = check_signals(predictor_signals)
+    if "attention" in signals:
+        mixin.check_class_attention(model, loc)
     ref = next(model.parameters())
     predictors = nn.ModuleList()
     for s in range(len(loc)):
         prev = ratios[s - 1] if s else 1.0
         predictors.append(
             TokenPredictor(model.embed_dim, hidden_ratio=predictor_hidden_ratio, init_keep_prob=ratios[s] / prev,
-                           prior=predictor_prior, match_scale=match_scale)
+                           prior=predictor_prior, match_scale=match_scale, signals=signals)
         )
     predictors.to(device=ref.device, dtype=ref.dtype).train(model.training)
 
@@ -125,6 +134,7 @@ def patch(
     model.prune_loc = loc
     model.predictor_hidden_ratio = predictor_hidden_ratio
     model.predictor_prior = predictor_prior
+    model.predictor_signals = signals
     model.keep_ratio = ratios
     model.prune_mode = prune_mode
     model.sampler = sampler
@@ -146,6 +156,7 @@ def build_model(
     dropped_tokens: str = "discard",
     predictor_prior: str = "none",
     match_scale: float = 8.0,
+    predictor_signals: Sequence[str] = (),
     **timm_kwargs,
 ) -> nn.Module:
     """Create a timm model by name and patch it.
@@ -153,7 +164,7 @@ def build_model(
     Args:
         name: timm model name, e.g. ``deit_small_patch16_224``.
         prune_loc, keep_ratio, prune_mode, sampler, predictor_hidden_ratio, dropped_tokens,
-            predictor_prior, match_scale: see
+            predictor_prior, match_scale, predictor_signals: see
             :func:`patch`.
         pretrained: load timm's pretrained weights (from the hub; needs network access).
         pretrained_path: load a local weight file instead (timm or dynvit checkpoint,
@@ -177,6 +188,7 @@ def build_model(
         dropped_tokens=dropped_tokens,
         predictor_prior=predictor_prior,
         match_scale=match_scale,
+        predictor_signals=predictor_signals,
     )
     model.dynvit_meta = {"model_name": name, "timm_kwargs": dict(timm_kwargs)}
     if pretrained_path:

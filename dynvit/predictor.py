@@ -3,16 +3,30 @@ from __future__ import annotations
 
 import math
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TokenPredictor", "PREDICTOR_PRIORS", "MATCH_KEEP_OFFSET", "match_prior"]
+from .signals import SIGNAL_INIT, SIGNALS, attention_term, centered, redundancy, size_term
+
+__all__ = ["TokenPredictor", "PREDICTOR_PRIORS", "MATCH_KEEP_OFFSET", "match_prior", "check_signals"]
 
 #: what a predictor adds to its learned logit: nothing, or the ``match`` prior (see TokenPredictor)
 PREDICTOR_PRIORS = ("none", "match")
 #: logit added to the tokens the ``match`` prior keeps ahead of the others (far above the logistic noise)
 MATCH_KEEP_OFFSET = 10.0
+
+
+def check_signals(signals: Sequence[str]) -> tuple[str, ...]:
+    """The signals a predictor reads, checked and in canonical order (see :mod:`dynvit.signals`)."""
+    if isinstance(signals, str):
+        signals = [signals]
+    unknown = [s for s in signals if s not in SIGNALS]
+    if unknown:
+        raise ValueError(f"unknown predictor signals {unknown}; choose from {list(SIGNALS)}")
+    return tuple(s for s in SIGNALS if s in signals)
 
 
 class TokenPredictor(nn.Module):
@@ -39,6 +53,14 @@ class TokenPredictor(nn.Module):
     (docs/BENCHMARKS.md, "Which tokens"): DynamicViT's learned logit picks barely better than a
     random choice, and this criterion better than both.
 
+    With ``signals`` the predictor also reads what the token's features do not say (see
+    :mod:`dynvit.signals`): the class token's ``attention`` to it in the block the stage feeds,
+    its ``redundancy`` (similarity to the closest token ranked ahead of it by the rest of the
+    logit) and its ``size`` (patches merged into it). Each enters the keep logit centred per
+    image and with a learned weight (``signal_weight``, one per signal, in the order of
+    :data:`dynvit.signals.SIGNALS`):
+    ``logit = mlp + w_a * attention + w_s * size - w_r * redundancy(ranked by the rest)``.
+
     Args:
         embed_dim: token width of the backbone.
         hidden_ratio: width of the embedding as a multiple of ``embed_dim``.
@@ -46,15 +68,19 @@ class TokenPredictor(nn.Module):
             the last bias), so fine-tuning starts near the target ratio, not at 0.5.
         prior: ``none`` (DynamicViT's predictor) or ``match`` (above).
         match_scale: initial ``match_scale`` (logit units per unit of cosine similarity).
+        signals: what else the logit reads: any of ``attention``, ``redundancy``, ``size``.
     """
 
     def __init__(self, embed_dim: int, *, hidden_ratio: float = 1.0, init_keep_prob: float = 0.5, prior: str = "none",
-                 match_scale: float = 8.0):
+                 match_scale: float = 8.0, signals: Sequence[str] = ()):
         super().__init__()
         if prior not in PREDICTOR_PRIORS:
             raise ValueError(f"predictor prior must be one of {PREDICTOR_PRIORS}, got {prior!r}")
         self.prior = prior
         self.match_scale = nn.Parameter(torch.tensor(float(match_scale))) if prior == "match" else None
+        self.signals = check_signals(signals)
+        self.signal_weight = (nn.Parameter(torch.tensor([SIGNAL_INIT[s] for s in self.signals]))
+                              if self.signals else None)
         hidden = max(4, int(embed_dim * hidden_ratio) // 4 * 4)
         self.local_dim = hidden // 2
         self.in_proj = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden), nn.GELU())
@@ -75,12 +101,23 @@ class TokenPredictor(nn.Module):
                 nn.init.zeros_(m.bias)
         p = min(max(self.init_keep_prob, 1e-3), 1 - 1e-3)
         nn.init.constant_(self.out_mlp[-1].bias, math.log(p / (1 - p)))
+        if self.signal_weight is not None:
+            with torch.no_grad():
+                self.signal_weight.copy_(torch.tensor([SIGNAL_INIT[s] for s in self.signals]))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def needs_attention(self) -> bool:
+        """Whether :meth:`forward` wants the class token's attention (``attention=``)."""
+        return "attention" in self.signals
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, attention: torch.Tensor | None = None,
+                size: torch.Tensor | None = None) -> torch.Tensor:
         """Keep logits ``(B, N)`` for patch tokens ``x`` ``(B, N, C)``.
 
         ``mask`` ``(B, N)`` (0/1 or soft, may carry gradient) weights the global average;
         tokens with weight 0 (dropped or padding) do not contribute. ``None`` means all kept.
+        ``attention`` ``(B, N)``: the class token's attention probabilities (needed with the
+        ``attention`` signal); ``size`` ``(B, N)``: patches per token (None: one each).
         """
         local, glob = self.in_proj(x).split([self.local_dim, self.local_dim], dim=-1)
         if mask is None:
@@ -96,6 +133,24 @@ class TokenPredictor(nn.Module):
         logits = h.squeeze(-1)
         if self.prior == "match":
             logits = logits + self.match_prior(x, mask)
+        if self.signals:
+            logits = self.add_signals(logits, x, mask, attention, size)
+        return logits
+
+    def add_signals(self, logits: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None,
+                    attention: torch.Tensor | None, size: torch.Tensor | None) -> torch.Tensor:
+        """``logits`` plus the weighted signal terms (see the class docstring)."""
+        alive = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.detach() > 0.5
+        weight = dict(zip(self.signals, self.signal_weight.to(torch.float32).unbind(0)))
+        logits = logits.float()
+        if "attention" in weight:
+            if attention is None:
+                raise ValueError("this predictor reads the class token's attention: pass attention=")
+            logits = logits + weight["attention"] * attention_term(attention, alive)
+        if "size" in weight:
+            logits = logits + weight["size"] * size_term(size, alive)
+        if "redundancy" in weight:
+            logits = logits - weight["redundancy"] * centered(redundancy(x, logits, alive), alive)
         return logits
 
     def match_prior(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ LATEST = "latest"
 def create_model(cfg: Config, num_classes: int) -> nn.Module:
     """The student: a dynvit model (``prune_loc`` non-empty), a baseline token reduction
     (``method`` evit, tome or random, patched onto the loaded dense model) or a plain timm
-    model (dense run)."""
+    model (a dense run, or ``method`` dense: a dense fine-tune with a pruning recipe)."""
     from .baselines import BASELINES
     from .patch import build_model
 
@@ -42,6 +42,7 @@ def create_model(cfg: Config, num_classes: int) -> nn.Module:
         return build_model(m.name, prune_loc=m.prune_loc, keep_ratio=m.keep_ratio, sampler=m.sampler,
                            predictor_hidden_ratio=m.predictor_hidden_ratio, dropped_tokens=m.dropped_tokens,
                            predictor_prior=m.predictor_prior, match_scale=m.match_scale,
+                           predictor_signals=m.predictor_signals,
                            pretrained=m.pretrained,
                            pretrained_path=path, **kwargs)
     model = timm.create_model(m.name, pretrained=m.pretrained, **kwargs)
@@ -50,7 +51,7 @@ def create_model(cfg: Config, num_classes: int) -> nn.Module:
         load_weights(model, path)
     if m.method == "tome":
         BASELINES["tome"](model, r=m.tome_r)
-    elif m.method != "dynvit":
+    elif m.method not in ("dynvit", "dense"):
         BASELINES[m.method](model, prune_loc=m.prune_loc, keep_ratio=m.keep_ratio)
     return model
 
@@ -89,8 +90,9 @@ class DenseTrainingModel(nn.Module):
 
 # ---- optimisation -------------------------------------------------------------------------
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """Predictors at the full learning rate, the backbone at ``backbone_lr_scale`` (pruning
-    runs); no weight decay on biases, norms and embeddings; ``frozen_params`` left out."""
+    """Predictors at the full learning rate, their signal weights and match scale at
+    ``signal_lr_scale`` of it, the backbone at ``backbone_lr_scale`` (pruning runs); no weight
+    decay on biases, norms, embeddings and those scalars; ``frozen_params`` left out."""
     o = cfg.optim
     pruning = bool(cfg.model.prune_loc)
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
@@ -101,9 +103,11 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         if not p.requires_grad:
             continue
         part = "predictors" if name.startswith("predictors.") else "backbone"
+        if part == "predictors" and name.endswith((".signal_weight", ".match_scale")):
+            part = "predictor_scalars"
         no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
         key = f"{part}_{'no_decay' if no_decay else 'decay'}"
-        scale = o.backbone_lr_scale if (pruning and part == "backbone") else 1.0
+        scale = {"backbone": o.backbone_lr_scale if pruning else 1.0, "predictor_scalars": o.signal_lr_scale}.get(part, 1.0)
         groups.setdefault(key, {"params": [], "name": key, "weight_decay": 0.0 if no_decay else o.weight_decay,
                                 "lr_scale": scale, "backbone": part == "backbone"})["params"].append(p)
     return list(groups.values())

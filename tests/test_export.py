@@ -61,6 +61,10 @@ def qkv_token_counts(path, x: torch.Tensor, embed_dim: int) -> list[int]:
     """Sequence length entering each block's qkv projection, read from onnxruntime at run time."""
     proto = onnx.load(str(path))
     weights = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    # A qkv weight that other nodes also read (the predictors' attention signal slices it) reaches its
+    # MatMul through a Transpose, not as an initializer: take the shapes shape inference gives.
+    inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info
+    weights.update({v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in inferred})
     names = [n.input[0] for n in proto.graph.node
              if n.op_type == "MatMul" and weights.get(n.input[1]) == (embed_dim, 3 * embed_dim)]
     assert len(names) == DEPTH, "expected one qkv MatMul per block"
@@ -90,16 +94,19 @@ def test_onnx_threshold_matches_pytorch_for_different_kept_counts(model, inputs,
     assert model.prune_mode == "threshold" and model.keep_ratio == (0.6, 0.36), "export changed the model's settings"
 
 
-@pytest.mark.parametrize("dropped", ["discard", "merge", "merge+match"])
+@pytest.mark.parametrize("dropped", ["discard", "merge", "merge+match", "merge+signals"])
 def test_onnx_threshold_uses_calibrated_thresholds(model, inputs, tmp_path, dropped):
     """The thresholds dynvit.calibrate sets are buffers: the exported graph applies them (also
-    with the match prior, whose logits depend on which tokens are alive)."""
+    with the match prior or the predictor signals, whose logits depend on which tokens are alive,
+    their sizes and the class token's attention)."""
     tuned = copy.deepcopy(model)
-    if dropped == "merge+match":
-        dropped = "merge"
+    if "+" in dropped:
+        dropped, extra = dropped.split("+")
+        kind = {"match": dict(predictor_prior="match"),
+                "signals": dict(predictor_signals=("attention", "redundancy", "size"))}[extra]
         tuned = dynvit.build_model("deit_tiny_patch16_224", prune_loc=PRUNE_LOC, keep_ratio=0.6, img_size=64,
-                                   depth=DEPTH, num_classes=5, predictor_prior="match")
-        tuned.load_state_dict(model.state_dict(), strict=False)  # the same weights, plus match_scale
+                                   depth=DEPTH, num_classes=5, **kind)
+        tuned.load_state_dict(model.state_dict(), strict=False)  # the same weights, plus match_scale or signal_weight
         tuned.eval()
     tuned.dropped_tokens = dropped
     dynvit.calibrate(tuned, torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(7)), keep_ratio=0.4)

@@ -183,5 +183,11 @@ class EvaMixin(DynViTMixin):
     def _masked_block(self, index, block, x, rope, token_mask, key_bias):
         return eva_masked_block(block, x, token_mask, key_bias, self._block_rope(index, rope))
 
+    @staticmethod
+    def check_class_attention(model: nn.Module, prune_loc) -> None:
+        raise NotImplementedError(
+            "the predictors' attention signal is not implemented for timm's Eva family (RoPE ViTs, EVA-02, PE, DINOv3); "
+            "choose predictor signals without 'attention'")
+
     def _pool_includes_prefix(self) -> bool:
         return self.attn_pool is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.layers.diff_attention import DiffAttention
 from timm.models.vision_transformer import (
@@ -33,7 +34,8 @@ from ..attention import attention_forward, check_attention, masked_block
 from .masked import masked_softmax, masked_attention
 from .pool import check_attention_pool
 
-__all__ = ["check_vit", "vit_masked_block", "diff_attention_forward"]
+__all__ = ["check_vit", "vit_masked_block", "diff_attention_forward", "vit_class_attention", "class_attention_probs", "check_class_attention",
+           "class_query"]
 
 
 # ---- differential attention ----------------------------------------------------------------
@@ -145,6 +147,75 @@ def vit_masked_block(block: nn.Module, x: torch.Tensor, token_mask: torch.Tensor
     """One ``VisionTransformer`` block whose attention ignores tokens with ``token_mask == 0``
     ``(B, N)``; ``key_bias`` ``(B, N)`` is added to each key's attention logit."""
     return _masked_fn(block)(block, x, token_mask, key_bias)
+
+
+# ---- the class token's attention (the predictors' attention signal) ---------------------------
+def class_attention_probs(q: torch.Tensor, k: torch.Tensor | None, scale: float, num_prefix_tokens: int,
+                          alive: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """``(B, N)`` attention of one query per image over the patch tokens, averaged over heads.
+
+    ``q`` ``(B, H, 1, D)``, ``k`` ``(B, H, P + N, D)`` after q/k-norm (and rotation); or, with
+    ``k`` None, ``q`` holds the unscaled logits ``(B, H, 1, P + N)``. Keys of dead tokens
+    (``alive`` False) are left out of the softmax, merged tokens weigh ``log(size)`` more, as in
+    the blocks. Float32 softmax; the prefix tokens' share is not returned.
+    """
+    p = num_prefix_tokens
+    logits = q.float() if k is None else q.float() @ k.float().transpose(-2, -1)
+    logits = (logits * scale).squeeze(-2)  # (B, H, P + N)
+    bias = torch.zeros(alive.shape, device=alive.device) if size is None else torch.log(size.float().clamp_min(1e-6))
+    bias = F.pad(bias.masked_fill(~alive, float("-inf")), (p, 0))
+    return torch.softmax(logits + bias[:, None, :], dim=-1)[..., p:].mean(dim=1)
+
+
+def class_query(tokens: torch.Tensor, num_prefix_tokens: int, has_class_token: bool, alive: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, C)`` the (normed) token whose attention the signal reads: the class token, or
+    without one the mean of the alive patch tokens."""
+    if has_class_token:
+        return tokens[:, :1]
+    w = alive.to(tokens.dtype).unsqueeze(1)  # (B, 1, N)
+    return (w @ tokens[:, num_prefix_tokens:]) / w.sum(dim=-1, keepdim=True).clamp_min(1.0)
+
+
+def check_class_attention(block: nn.Module, index: int) -> None:
+    """Refuse the attention signal before a block :func:`vit_class_attention` cannot read."""
+    attn = getattr(block, "attn", None)
+    if type(block) not in (Block, ResPostBlock) or type(attn) is not Attention:
+        raise NotImplementedError(
+            f"the attention signal reads timm's Block or ResPostBlock with Attention; blocks[{index}] is "
+            f"{type(block).__qualname__}{' with ' + type(attn).__qualname__ if attn is not None else ''}: "
+            "choose predictor signals without 'attention'")
+
+
+def vit_class_attention(block: nn.Module, x: torch.Tensor, num_prefix_tokens: int, has_class_token: bool,
+                        alive: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """``(B, N)`` the attention the class token would pay each alive patch token in ``block``
+    (a ``Block`` or ``ResPostBlock`` with timm's ``Attention``), computed from ``x`` ``(B, P + N, C)``
+    with the block's own norm, projections and q/k-norm.
+
+    Only the class token's query is needed. Without k-norm the keys are never formed: per head,
+    ``q . (W_k y + b_k) = (W_k^T q) . y + q . b_k``, so the class token's query is carried back
+    through the key projection once (``C`` x ``C`` multiply-adds per image) and the tokens are
+    read with it (``N`` x ``C`` per head) instead of projecting every token's key (``N`` x ``C``
+    x ``C``). With k-norm (a norm per key) the keys are projected.
+    """
+    attn = block.attn
+    y = block.norm1(x) if type(block) is Block else x
+    B, n, _ = y.shape
+    h, d = attn.num_heads, attn.head_dim
+    width = h * d
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    query = class_query(y, num_prefix_tokens, has_class_token, alive)
+    q = attn.q_norm(F.linear(query, weight[:width], None if bias is None else bias[:width]).view(B, 1, h, d).transpose(1, 2))
+    w_k, b_k = weight[width:2 * width], None if bias is None else bias[width:2 * width]
+    if isinstance(attn.k_norm, nn.Identity):
+        back = torch.einsum("bhd,hdc->bhc", q[:, :, 0], w_k.view(h, d, -1))  # (B, H, C)
+        logits = torch.einsum("bnc,bhc->bhn", y, back)
+        if b_k is not None:
+            logits = logits + (q[:, :, 0] * b_k.view(h, d)).sum(-1, keepdim=True)
+        logits = logits.unsqueeze(2)  # (B, H, 1, P + N)
+        return class_attention_probs(logits, None, attn.scale, num_prefix_tokens, alive, size)
+    k = attn.k_norm(F.linear(y, w_k, b_k).view(B, n, h, d).transpose(1, 2))
+    return class_attention_probs(q, k, attn.scale, num_prefix_tokens, alive, size)
 
 
 # ---- what the family supports ----------------------------------------------------------------
