@@ -31,7 +31,7 @@ class ModelConfig:
     name: str = "deit_small_patch16_224"  # timm model name
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (img_size, patch_size, depth, ...)
     pretrained: bool = False  # timm hub weights (needs network access)
-    pretrained_path: str | None = None  # local weight file, or a directory written by dynvit.save_pretrained
+    pretrained_path: str | None = None  # weight file, dynvit.save_pretrained directory, local-dir:DIR or hf-hub:org/name
     drop_path_rate: float = 0.0  # stochastic depth of the backbone
     prune_loc: list[int] = field(default_factory=lambda: [3, 6, 9])  # blocks before which tokens are pruned; [] = dense
     keep_ratio: float | list[float] = 0.7  # r (kept r**(s+1) after stage s) or one cumulative fraction per stage
@@ -53,6 +53,7 @@ class DataConfig:
     batch_size: int = 128  # global images per optimizer step (all processes and accumulation steps)
     val_batch_size: int = 256  # validation images per process and batch
     num_workers: int = 4  # data loader worker processes per training process (cache none)
+    verify: bool = False  # decode every image before training and list all unreadable files at once
     cache: str = "none"  # none: decode and augment per image in loader workers; memory: decode once, augment on the device
     cache_dir: str | None = None  # with cache memory: keep decoded splits here for later runs; None = decode every run
     train_subset: int = 0  # use this many training images (class-balanced, seeded); 0 = all
@@ -94,16 +95,21 @@ class LossConfig:
 class OptimConfig:
     opt: str = "adamw"  # timm optimizer name
     lr: float = 1e-3  # peak learning rate of the predictors (and of a dense model) for the global batch
-    min_lr: float = 1e-6  # final learning rate of the cosine schedule
+    sched: str = "cosine"  # timm schedule (timm.scheduler.create_scheduler_v2), a function of the optimizer step
+    min_lr: float = 1e-6  # final learning rate of the schedule
     warmup_lr: float = 0.0  # learning rate at step 0 of the warm-up
     warmup_epochs: float = 5  # linear warm-up length
+    decay_epochs: float | None = None  # step: epochs between decays; wsd, rsqrt: decay length (< 1: a fraction); null = timm's
+    decay_milestones: list[float] = field(default_factory=lambda: [90.0, 180.0, 270.0])  # multistep: epochs of the decays
+    decay_rate: float = 0.1  # step, multistep: factor per decay; poly: the power
+    sched_kwargs: dict = field(default_factory=dict)  # other create_scheduler_v2 arguments (cycle_limit, k_decay, noise, ...)
     weight_decay: float = 0.05  # decoupled weight decay (not on biases, norms, embeddings)
     eps: float = 1e-8  # optimizer epsilon
     backbone_lr_scale: float = 0.01  # backbone learning rate relative to the predictors' (pruning runs)
     backbone_freeze_epochs: float = 5  # backbone learning rate is 0 before this epoch (pruning runs)
     frozen_params: list[str] = field(default_factory=list)  # parameter-name prefixes never trained (e.g. pos_embed)
     clip_grad: float | None = None  # max gradient norm; None = no clipping
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_accum_steps: int | None = None  # micro-batches per step; null = accelerate launch's --gradient_accumulation_steps, else 1
     ema: bool = False  # keep an exponential moving average of the weights
     ema_decay: float = 0.9999  # EMA decay per optimizer step
 
@@ -129,7 +135,7 @@ class TrainConfig:
     epochs: int = 30  # passes over the training set
     seed: int = 0  # seed of initialisation, data order, augmentation and sampling
     output_dir: str = "runs/dynvit"  # checkpoints, resolved config, metrics and the final model
-    mixed_precision: str = "no"  # no, bf16 or fp16 (fp16 needs a GPU)
+    mixed_precision: str | None = None  # no, bf16 or fp16 (GPU only); null = accelerate launch's --mixed_precision, else no
     save_every_steps: int = 0  # checkpoint every N optimizer steps (and at each epoch end); 0 = epoch ends only
     keep_checkpoints: int = 2  # checkpoints kept on disk (oldest deleted first)
     resume: str = ""  # "" = start fresh, "auto" = latest checkpoint in output_dir if any, or a checkpoint path
@@ -139,7 +145,9 @@ class TrainConfig:
     eval_modes: list[str] = field(default_factory=lambda: ["threshold", "topk", "none"])  # pruning modes validated
     flops_images: int = 8  # validation images traced to count threshold-mode GMACs; 0 = skip GMACs
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers
-    progress_bar: bool = True  # tqdm bars on the main process
+    progress_bar: bool = True  # a tqdm bar for the whole run on the main process (only when stderr is a terminal)
+    calibrate_images: int = 1000  # held-out training images threshold mode is calibrated on after training; 0 = off
+    push_to_hub: str = ""  # Hub repo id (org/name) the final model and its model card are pushed to; "" = none
 
 
 @dataclass
@@ -165,12 +173,13 @@ _CHOICES = {
     "model.dropped_tokens": ("discard", "merge"),
     "loss.ratio_per": ("image", "batch"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "optim.sched": ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant"),
 }
 _POSITIVE = ("data.batch_size", "data.val_batch_size", "optim.lr", "optim.grad_accum_steps", "train.epochs", "train.log_every",
              "train.eval_every_epochs", "tau.tau_start", "tau.tau_end", "train.keep_checkpoints")
 _NON_NEGATIVE = ("model.tome_r", "data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
                  "optim.warmup_epochs", "optim.backbone_freeze_epochs", "train.save_every_steps", "train.stop_after_steps",
-                 "train.flops_images", "loss.cls_weight", "loss.ratio_weight", "loss.distill_logits_weight",
+                 "train.flops_images", "train.calibrate_images", "loss.cls_weight", "loss.ratio_weight", "loss.distill_logits_weight",
                  "loss.distill_tokens_weight", "loss.margin_weight", "loss.margin")
 
 

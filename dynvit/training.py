@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .config import Config, save_config
-from .hub import weights_file
 from .model import PruningOutput
 from .weights import load_weights
 
@@ -37,7 +36,7 @@ def create_model(cfg: Config, num_classes: int) -> nn.Module:
 
     m = cfg.model
     kwargs = {**m.kwargs, "num_classes": num_classes, "drop_path_rate": m.drop_path_rate}
-    path = weights_file(m.pretrained_path) if m.pretrained_path else None
+    path = m.pretrained_path or None  # a file, a save_pretrained folder, local-dir:DIR or hf-hub:org/name
     if m.prune_loc and m.method == "dynvit":
         return build_model(m.name, prune_loc=m.prune_loc, keep_ratio=m.keep_ratio, sampler=m.sampler,
                            predictor_hidden_ratio=m.predictor_hidden_ratio, dropped_tokens=m.dropped_tokens,

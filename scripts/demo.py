@@ -63,7 +63,8 @@ def _dense_model(args, out: Path) -> Path:
     classes = scan_image_folder(Path(args.data) / "train", what="training").classes
     teacher = Path(args.teacher)
     if not args.retrain_dense and (teacher / "config.json").is_file():
-        if json.loads((teacher / "config.json").read_text()).get("classes") == classes:
+        saved = json.loads((teacher / "config.json").read_text())
+        if saved.get("label_names", saved.get("classes")) == classes:  # timm's key, or the earlier dynvit format's
             print(f"[1/4] the dense ViT: {teacher} (pretrained, not retrained)", flush=True)
             return teacher
         print(f"      {teacher} was trained on other classes than {args.data}: training a dense ViT instead", flush=True)
