@@ -16,6 +16,8 @@ from typing import Any, Union
 
 import yaml
 
+from .ratios import normalize_keep_ratio
+
 __all__ = [
     "ModelConfig", "DataConfig", "AugConfig", "LossConfig", "OptimConfig", "TauConfig", "TrainConfig",
     "Config", "ConfigError", "load_config", "merge", "parse_overrides", "to_dict", "save_config",
@@ -320,12 +322,12 @@ def validate(cfg: Config) -> Config:
     flat = to_dict(cfg)
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
-        if flat[section][name] not in choices:
+        if flat[section][name] is not None and flat[section][name] not in choices:  # None: unset, decided elsewhere
             raise ConfigError(f"{key}: must be one of {choices}, got {flat[section][name]!r}")
     for key in _POSITIVE + _NON_NEGATIVE:
         section, name = key.split(".")
         value = flat[section][name]
-        if value < 0 or (key in _POSITIVE and value == 0):
+        if value is not None and (value < 0 or (key in _POSITIVE and value == 0)):
             raise ConfigError(f"{key}: must be {'> 0' if key in _POSITIVE else '>= 0'}, got {value}")
     bad_modes = [m for m in cfg.train.eval_modes if m not in ("threshold", "topk", "none")]
     if bad_modes:
@@ -334,6 +336,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.method=tome needs model.tome_r > 0 (tokens merged per block)")
     if cfg.model.method in ("evit", "random") and not cfg.model.prune_loc:
         raise ConfigError(f"model.method={cfg.model.method} needs model.prune_loc (the blocks where tokens are dropped)")
+    if cfg.model.prune_loc and cfg.model.method != "tome":
+        try:
+            normalize_keep_ratio(cfg.model.keep_ratio, len(cfg.model.prune_loc))
+        except ValueError as e:
+            fix = "" if "give" in str(e) else ("; --model.keep_ratio r keeps r**s of the patch tokens after stage s "
+                                               "(e.g. 0.7), or give one cumulative fraction per stage")
+            raise ConfigError(f"model.{e}{fix}") from None
     for key in ("scale_start", "scale_end"):
         if not 0.0 <= getattr(cfg.noise, key) <= 1.0:
             raise ConfigError(f"noise.{key}: must be in [0, 1], got {getattr(cfg.noise, key)}")
