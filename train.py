@@ -66,10 +66,11 @@ def _train_record(running: dict, count: int, accelerator, optimizer) -> dict:
     return record
 
 
-def _accuracy(model, loader, accelerator, modes: list[str]) -> dict:
+def _accuracy(model, loader, accelerator, modes: list[str], bar: bool) -> dict:
     """Top-1 and top-5 per pruning mode (a model without predictors: the dense path only) and
     the kept tokens per stage and mode: mean, 5th and 95th percentile per image."""
-    results = evaluate_modes(model, loader, modes if dynvit.is_patched(model) else ["none"], accelerator=accelerator)
+    results = evaluate_modes(model, loader, modes if dynvit.is_patched(model) else ["none"], accelerator=accelerator,
+                             progress_bar=bar)
     metrics = {f"{k}_{mode}": getattr(r, k) for mode, r in results.items() for k in ("top1", "top5")}
     for mode, result in results.items():
         for s, stats in enumerate(kept_token_stats(result.kept_tokens)):
@@ -82,9 +83,10 @@ def _accuracy(model, loader, accelerator, modes: list[str]) -> dict:
 def _validate(model, ema, loader, accelerator, cfg: Config, flop_images, input_size, modes=None) -> dict:
     """Accuracy per pruning mode, kept tokens per stage, EMA accuracy and (main process) GMACs."""
     modes = modes or cfg.train.eval_modes
-    metrics = _accuracy(model, loader, accelerator, modes)
+    bar = cfg.train.progress_bar and accelerator.is_main_process
+    metrics = _accuracy(model, loader, accelerator, modes, bar)
     if ema is not None:
-        ema_metrics = _accuracy(ema.module, loader, accelerator, modes[:1])
+        ema_metrics = _accuracy(ema.module, loader, accelerator, modes[:1], bar)
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "images"})
     if accelerator.is_main_process and flop_images is not None:
         metrics.update(_gmacs(model, flop_images, modes, input_size))
@@ -95,7 +97,8 @@ def _calibrate(models, calib_set, cfg: Config, accelerator) -> str:
     """Threshold mode of every model calibrated to its keep ratio on the held-out images; the
     thresholds go into each model's ``keep_threshold`` (saved with it). Returns the setting."""
     loader = DataLoader(calib_set, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
-    batches = [images.to(accelerator.device) for images, _ in progress(loader, desc="calibration images", unit="batch")]
+    batches = [images.to(accelerator.device) for images, _ in progress(
+        loader, desc="calibration images", unit="batch", disable=not (cfg.train.progress_bar and accelerator.is_main_process))]
     for model in models:
         dynvit.calibrate(model, batches)
     ratios = "/".join(f"{r:.3f}" for r in models[0].keep_ratio)

@@ -2,10 +2,7 @@
 of the earlier format keep loading, push_to_hub uploads a folder with its model card."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dynvit
-from conftest import REPO, randomize_
+from conftest import REPO, populate_hf_cache, randomize_
 from dynvit.benchmark import dense_backbone
 from dynvit.hub import load_pretrained, push_to_hub, save_pretrained
 
@@ -115,35 +112,6 @@ def test_timm_loads_a_pruned_model_as_its_dense_backbone(tmp_path):
 
 
 # ---- the Hugging Face Hub, offline ------------------------------------------------------------
-def populate_hf_cache(cache: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef" * 2 + "01234567") -> None:
-    """Lay ``folder`` out as huggingface_hub caches a downloaded model repo: blobs named by
-    content hash, a snapshot of symlinks per commit, ``refs/main`` naming the commit."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for path in folder.iterdir():
-        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
-        shutil.copyfile(path, blob)
-        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty Hugging Face cache in a tmp dir, the Hub switched off (HF_HUB_OFFLINE=1)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf_cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at import; the library reads these now
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_hf_hub_round_trip_through_the_cache(tmp_path, offline_hub):
     model = _pruning_model()
     save_pretrained(model, tmp_path / "m", classes=CLASSES, data_config=DATA_CFG)
