@@ -298,8 +298,11 @@ def _finish(cfg, model, ema, calib_set, val_loader, accelerator, metrics, flop_i
             step) -> dict:
     """After the last step: threshold mode calibrated and measured again, the model (and EMA)
     saved with its model card, pushed to the Hub when asked."""
-    settings, result = {}, {}
+    settings, result = {"none": "-"}, {}
     method = "dynvit" if dynvit.is_patched(model) else (cfg.model.method if cfg.model.method != "dynvit" else "dense")
+    if method == "dynvit":
+        ratios = "/".join(f"{r:.3f}" for r in model.keep_ratio)
+        settings = {"none": "no pruning", "topk": f"top-k, keep {ratios}", "threshold": "threshold as trained (p > 0.5)"}
     if calib_set is not None and metrics:
         settings["threshold"] = _calibrate([model] + ([ema.module] if ema else []), calib_set, cfg, accelerator)
         after = _validate(model, None, val_loader, accelerator, cfg, flop_images, data_config["input_size"], ["threshold"])

@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                    "--model.pretrained_path", args.teacher, "--model.keep_ratio", str(args.keep_ratio),
                    "--train.epochs", str(epochs), "--train.output_dir", str(out), "--train.resume", "auto",
                    "--train.eval_modes", "[topk]", "--train.flops_images", "0", "--train.progress_bar", "false",
+                   "--train.calibrate_images", "0",  # all 50,000 images trained on; this script calibrates itself
                    *_overrides(name, float(args.epochs)), *extra]
             print("+ " + " ".join(cmd), flush=True)
             t0 = time.time()

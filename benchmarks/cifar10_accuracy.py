@@ -62,7 +62,9 @@ def _train(config: str, out: Path, overrides: list[str], args) -> tuple[Path, fl
         print(f"= {final} exists, not retrained", flush=True)
         return final, 0.0
     seconds = _run([sys.executable, "train.py", "--config", config, "--data.path", args.data, "--train.output_dir", str(out),
-                    "--train.resume", "auto", "--train.progress_bar", "false", *overrides, *args.train_args])
+                    "--train.resume", "auto", "--train.progress_bar", "false",
+                    "--train.calibrate_images", "0",  # all training images trained on; main() calibrates itself
+                    *overrides, *args.train_args])
     return final, seconds
 
 

@@ -85,7 +85,8 @@ def _usage(config: dict, source: str) -> str:
 
 def _config(config: dict, training_config: dict | None) -> str:
     if training_config:
-        return ("\n## Config\n\nThe resolved training config (`python train.py --config this.yaml` reproduces the run):\n\n"
+        return ("\n## Config\n\nThe resolved training config (`training_config.yaml`; `python train.py --config "
+                "training_config.yaml` runs it again):\n\n"
                 "```yaml\n" + yaml.safe_dump(training_config, sort_keys=False) + "```\n")
     shown = {k: config[k] for k in ("architecture", "model_args", "dynvit") if k in config}
     return "\n## Config\n\n```json\n" + json.dumps(shown, indent=2) + "\n```\n"

@@ -289,3 +289,27 @@ def test_a_run_logs_compact_lines_and_a_validation_table(tmp_path, caplog):
     assert table[1].split()[:4] == ["mode", "top-1", "top-5", "GMACs"]
     assert [row.split()[0] for row in table[2:]] == ["threshold", "topk"]
     assert not [r for r in caplog.records if r.name.startswith("accelerate.") and r.levelno < logging.WARNING]
+
+
+def test_push_to_hub_at_the_end_of_a_run(tmp_path, monkeypatch):
+    """--train.push_to_hub uploads the final folder with its model card (HfApi mocked: no network)."""
+    from pathlib import Path
+
+    from huggingface_hub import HfApi
+
+    cifar_dir("train")
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("Url", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, *, repo_id, folder_path, **kw: uploads.append(
+        (repo_id, {p.name: p.read_bytes() for p in Path(folder_path).iterdir()})))
+    train_script.train(load_config(SMOKE, ["--data.path", str(CIFAR10), "--train.output_dir", str(tmp_path),
+                                           "--train.epochs", "1", "--train.push_to_hub", "someone/smoke-dynvit"]))
+    ((repo_id, files),) = uploads
+    assert repo_id == "someone/smoke-dynvit"
+    assert sorted(files) == ["README.md", "config.json", "dynvit.safetensors", "eval.json", "model.safetensors",
+                             "training_config.yaml"]
+    assert files["model.safetensors"] == (tmp_path / "final" / "model.safetensors").read_bytes()
+    card = files["README.md"].decode()
+    assert 'dynvit.load_pretrained("hf-hub:someone/smoke-dynvit")' in card and "# Model card for someone/smoke-dynvit" in card
+    assert "| dynvit | threshold, calibrated to 0.700/0.490 on 64 held-out training images |" in card
+    assert "| dynvit | top-k, keep 0.700/0.490 |" in card and "| dynvit, dense path | no pruning |" in card
