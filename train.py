@@ -335,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
         usage="%(prog)s [-h] [--config YAML] [--resume [PATH]] [--section.key VALUE ...]",
         epilog="Every key below can be set in the YAML file (section: key: value) or here; later wins. A mapping takes "
                "one entry at a time too: --model.kwargs.depth 6. null unsets a key (YAML null).")
-    parser.add_argument("--config", help="YAML preset (see configs/)")
-    parser.add_argument("--resume", nargs="?", const="auto", help="resume from the latest checkpoint or from PATH")
+    parser.add_argument("--config", metavar="YAML", help="preset to start from (see configs/); flags override it")
+    parser.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
+                        help="resume from the latest checkpoint of train.output_dir, or from PATH")
     add_config_arguments(parser)
     return parser
 
