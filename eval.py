@@ -34,6 +34,7 @@ import sys
 import timm
 import torch
 from torch.utils.data import DataLoader
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import dynvit
 from dynvit import benchmark as bench
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(name).setLevel(logging.WARNING)
     if args.no_progress:
         disable_progress_bars()
-    with user_errors(parser):
+    with user_errors(parser), logging_redirect_tqdm():  # log lines above the bars, not through them
         return run(args)
 
 
