@@ -1,10 +1,16 @@
 """Benchmark dynvit against EViT, ToMe and random dropping: accuracy, GMACs, tokens, speed.
 
-    python eval.py --checkpoint DIR --data PATH [--mode threshold|topk|none] [--keep-ratio R]
-    python eval.py --model deit_small_patch16_224 --keep-ratio 0.7 --flops-only   # no data, no weights
-    python eval.py --checkpoint DIR --data PATH --budget 0.6 [--calib-images 1000] [--hist out/kept.png]
-    python eval.py --checkpoint DIR --data PATH --sweep 0.9,0.8,0.7,0.6,0.5 --plot out/pareto.png
-    python eval.py --checkpoint DIR --data PATH --visualize 16 --out out/masks.png
+    python eval.py --checkpoint DIR --data.path PATH [--mode threshold|topk|none] [--model.keep_ratio R]
+    python eval.py --checkpoint hf-hub:org/name --data.path PATH           # a model on the Hugging Face Hub
+    python eval.py --model.name deit_small_patch16_224 --model.keep_ratio 0.7 --flops-only   # no data, no weights
+    python eval.py --model.name deit_small_patch16_224 --pretrained --data.path /imagenet/val --methods dense,evit,tome
+    python eval.py --checkpoint DIR --data.path PATH --budget 0.6 [--calib-images 1000] [--hist out/kept.png]
+    python eval.py --checkpoint DIR --data.path PATH --sweep 0.9,0.8,0.7,0.6,0.5 --plot out/pareto.png
+    python eval.py --checkpoint DIR --data.path PATH --visualize 16 --out out/masks.png
+
+Options that train.py also has take its names (--data.path, --data.num_workers, --model.name,
+--model.keep_ratio, --model.prune_loc, --train.seed, ...); the short names of earlier versions
+(--data, --workers, --model, --keep-ratio, --seed, ...) still work.
 
 ``--budget R`` calibrates the thresholds of threshold mode (``dynvit.calibrate``) so that the
 mean kept fraction is R (``R**s`` after stage ``s``) on ``--calib-images`` images held out of
@@ -12,9 +18,10 @@ the evaluated split (or taken from ``--calib-split``), then measures on the rest
 trained model measures dynvit at each budget in top-k mode and in calibrated threshold mode.
 
 Every method is built from the same dense model (``--dense DIR``, else the backbone of
-``--checkpoint``) and measured in this one process: a Markdown table goes to stdout and every
-figure to ``--json``. ``--data`` is an ImageFolder split (class folders), or a dataset root
-holding ``val/`` or ``test/`` (or ``--split NAME``). See docs/BENCHMARKS.md.
+``--checkpoint``) and measured in this one process: a Markdown table goes to stdout, every
+figure to ``--json`` and progress bars to stderr (when it is a terminal; ``--no-progress``).
+``--data.path`` is an ImageFolder split (class folders), or a dataset root holding ``val/`` or
+``test/`` (or ``--split NAME``). See docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -27,11 +34,15 @@ import sys
 import timm
 import torch
 from torch.utils.data import DataLoader
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import dynvit
 from dynvit import benchmark as bench
+from dynvit.cli import HelpFormatter, user_errors
+from dynvit.config import ConfigError
 from dynvit.data import DataError, SeededImageDataset, balanced_subset, build_transform, scan_image_folder
 from dynvit.hub import load_pretrained
+from dynvit.progress import disable_progress_bars, progress
 from dynvit.visualize import save_accuracy_vs_gmacs, save_keep_mask_grid, save_kept_histogram
 
 logger = logging.getLogger("eval")
@@ -39,30 +50,45 @@ _CACHE_BYTES = 1 << 30  # evaluation sets smaller than this are decoded once and
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+    """``0.7``, ``0.8,0.5`` or ``[0.8, 0.5]`` (train.py's YAML form)."""
+    return [float(v) for v in text.strip("[] ").split(",") if v.strip()]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.strip("[] ").split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a directory written by dynvit.save_pretrained (dynvit or dense model)")
-    src.add_argument("--model", help="timm model name, random weights (GMACs and speed need no training)")
-    p.add_argument("--model-kwargs", default="", help="timm kwargs for --model as YAML, e.g. '{img_size: 32}'")
+    src.add_argument("--checkpoint", help="a model saved by dynvit.save_pretrained (dynvit or dense): a folder, "
+                     "local-dir:DIR or hf-hub:org/name")
+    src.add_argument("--model.name", "--model", dest="model", help="timm model name: random weights (GMACs and speed "
+                     "need no training), or the hub's with --pretrained")
+    p.add_argument("--model.pretrained", "--pretrained", dest="pretrained", action="store_true",
+                   help="with --model.name: timm's pretrained weights (timm.create_model(pretrained=True); needs the "
+                   "network or a populated Hugging Face cache)")
+    p.add_argument("--model.kwargs", "--model-kwargs", dest="model_kwargs", default="",
+                   help="timm kwargs for --model.name as YAML, e.g. '{img_size: 32}'")
     p.add_argument("--dense", help="dense checkpoint the baselines start from (default: the backbone of --checkpoint)")
     p.add_argument("--finetuned", action="append", default=[], metavar="METHOD=DIR",
                    help="a fine-tuned baseline checkpoint (evit, tome or random), reported as METHOD+ft; repeatable")
-    p.add_argument("--data", help="ImageFolder split, or a root with val/ or test/")
-    p.add_argument("--split", help="sub-folder of --data to evaluate")
+    p.add_argument("--data.path", "--data", dest="data", help="ImageFolder split, or a root with val/ or test/")
+    p.add_argument("--split", help="sub-folder of --data.path to evaluate")
     p.add_argument("--limit", type=int, default=0, help="evaluate on this many images (class-balanced); 0 = all")
-    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers")
+    p.add_argument("--data.val_batch_size", "--batch-size", dest="batch_size", type=int, default=128,
+                   help="evaluation batch size")
+    p.add_argument("--data.num_workers", "--workers", dest="workers", type=int, default=2, help="data loader workers")
     p.add_argument("--methods", default=",".join(bench.METHODS), help="rows, comma-separated (dense is always measured)")
     p.add_argument("--mode", choices=("threshold", "topk", "none"),
                    help="dynvit pruning mode (default: threshold for a trained dynvit model, else topk)")
-    p.add_argument("--keep-ratio", type=_floats, help="r, or one cumulative fraction per stage (topk mode and baselines)")
-    p.add_argument("--prune-loc", type=lambda s: [int(v) for v in s.split(",")], help="stages, e.g. 3,6,9 (no checkpoint)")
-    p.add_argument("--tome-r", type=int, help="ToMe tokens merged per block (default: matched to dynvit's GMACs)")
+    p.add_argument("--model.keep_ratio", "--keep-ratio", dest="keep_ratio", type=_floats,
+                   help="r, or one cumulative fraction per stage (topk mode and baselines)")
+    p.add_argument("--model.prune_loc", "--prune-loc", dest="prune_loc", type=_ints,
+                   help="stages, e.g. 3,6,9 (no checkpoint)")
+    p.add_argument("--model.tome_r", "--tome-r", dest="tome_r", type=int,
+                   help="ToMe tokens merged per block (default: matched to dynvit's GMACs)")
     p.add_argument("--flops-only", action="store_true", help="GMACs, tokens and parameters only: no data, no timing")
     p.add_argument("--flops-images", type=int, default=64,
                    help="images (spread over the classes) averaged for threshold-mode GMACs")
@@ -74,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=_floats, help="calibrate threshold mode to this keep ratio (r, or one per stage) "
                    "on held-out images, then measure")
     p.add_argument("--calib-images", type=int, default=1000, help="images held out of the split for --budget/--sweep")
-    p.add_argument("--calib-split", help="calibrate on this sub-folder of --data instead of holding images out")
+    p.add_argument("--calib-split", help="calibrate on this sub-folder of --data.path instead of holding images out")
     p.add_argument("--sweep", type=_floats, help="keep ratios for an accuracy-vs-GMACs curve (dynvit: top-k and "
                    "calibrated threshold at each)")
     p.add_argument("--plot", help="PNG of the sweep, one line per method")
@@ -82,14 +108,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="only draw the kept patches of N images")
     p.add_argument("--out", default="out/masks.png", help="PNG of --visualize")
     p.add_argument("--json", default="out/eval.json", help="where every figure is written")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image subset and of random dropping")
+    p.add_argument("--train.seed", "--seed", dest="seed", type=int, default=0,
+                   help="seed of the image subset and of random dropping")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal anyway)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None, p: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    p = p or build_parser()
     args = p.parse_args(argv)
     if args.plot and not args.sweep:
         p.error("--plot draws a --sweep")
     if args.visualize and not args.data:
-        p.error("--visualize needs --data")
+        p.error("--visualize needs --data.path")
     if (args.budget or args.hist) and not args.data:
-        p.error("--budget and --hist need --data")
+        p.error("--budget and --hist need --data.path")
     if args.budget and args.sweep:
         p.error("--sweep calibrates at every budget; give --budget or --sweep, not both")
     if args.budget and args.mode in ("topk", "none"):
@@ -97,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [r for r in (args.budget or []) + (args.sweep or []) if not 0.0 < r <= 1.0]
     if bad:
         p.error(f"budgets and sweep keep ratios must be in (0, 1], got {bad}")
+    if args.pretrained and not args.model:
+        p.error("--pretrained loads timm's weights for --model.name; a --checkpoint has its own")
     if (args.budget or args.sweep) and args.calib_images <= 0:
         p.error("--calib-images must be > 0: calibration needs images")
     return args
@@ -121,7 +156,7 @@ def load_models(args) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
         model = load_pretrained(args.checkpoint, device=args.device)
     else:
         kwargs = yaml.safe_load(args.model_kwargs) or {} if args.model_kwargs else {}
-        model = timm.create_model(args.model, pretrained=False, **kwargs).to(args.device).eval()
+        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs).to(args.device).eval()
         model.dynvit_meta = {"model_name": args.model, "timm_kwargs": kwargs}
     trained = model if dynvit.is_patched(model) else None
     dense = bench.dense_backbone(load_pretrained(args.dense, device=args.device) if args.dense else model)
@@ -129,7 +164,7 @@ def load_models(args) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
     for item in args.finetuned:
         method, _, path = item.partition("=")
         if method not in ("evit", "tome", "random") or not path:
-            raise SystemExit(f"--finetuned expects evit=DIR, tome=DIR or random=DIR, got {item!r}")
+            raise ConfigError(f"--finetuned expects evit=DIR, tome=DIR or random=DIR, got {item!r}")
         finetuned[method] = load_pretrained(path, device=args.device)
     return dense, trained, finetuned
 
@@ -176,7 +211,8 @@ def calibration_images(args, model, held_out) -> torch.Tensor:
         _check_classes(folder, model)
         held_out = SeededImageDataset(folder, build_transform(data_config(model), is_training=False),
                                       indices=balanced_subset(folder.targets, args.calib_images, args.seed + 1))
-    return torch.cat([x for x, _ in DataLoader(held_out, batch_size=args.batch_size, num_workers=args.workers)]).to(args.device)
+    loader = DataLoader(held_out, batch_size=args.batch_size, num_workers=args.workers)
+    return torch.cat([x for x, _ in progress(loader, desc="calibration images", unit="batch")]).to(args.device)
 
 
 def make_loader(dataset, args):
@@ -184,7 +220,8 @@ def make_loader(dataset, args):
     c, h, w = dataset[0][0].shape
     if len(dataset) * c * h * w * 4 > _CACHE_BYTES:
         return loader
-    batches = [(x.to(args.device), y.to(args.device)) for x, y in loader]  # decoded once, used by every method
+    batches = [(x.to(args.device), y.to(args.device))  # decoded once, used by every method
+               for x, y in progress(loader, desc="decoding images", unit="batch")]
     logger.info("cached %d evaluation images in memory", len(dataset))
     return batches
 
@@ -213,7 +250,8 @@ def run(args) -> dict:
         n = min(len(dataset), max(args.flops_images, args.speed_batch))
         images = torch.stack([dataset[i][0] for i in bench.spread_indices(len(dataset), n)]).to(args.device)
     elif mode == "threshold" and trained is not None:
-        raise SystemExit("threshold mode keeps a different number of tokens per image: give --data, or use --mode topk")
+        raise ConfigError("threshold mode keeps a different number of tokens per image: give --data.path, or use --mode "
+                          "topk")
     flops_images = images[bench.spread_indices(len(images), args.flops_images)] if images is not None else None
     common = dict(input_size=input_size, dynvit_model=trained, finetuned=finetuned, methods=methods, mode=mode,
                   prune_loc=args.prune_loc, tome_r=args.tome_r, loader=loader, seed=args.seed)
@@ -299,7 +337,7 @@ def visualize(args) -> dict:
     """Only the keep-mask grid of ``args.visualize`` images (class-balanced) of a dynvit checkpoint."""
     model = load_pretrained(args.checkpoint, device=args.device) if args.checkpoint else None
     if model is None or not dynvit.is_patched(model):
-        raise SystemExit("--visualize needs the --checkpoint of a trained dynvit model")
+        raise ConfigError("--visualize needs the --checkpoint of a trained dynvit model")
     dataset, classes, _ = load_data(args, model, args.visualize)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(args.device)
     labels = [target for _, target in dataset.samples]
@@ -310,15 +348,16 @@ def visualize(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
     args.argv = argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("dynvit.baselines", "dynvit.patch"):  # one line per model patched (ToMe's r search patches many)
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
+    if args.no_progress:
+        disable_progress_bars()
+    with user_errors(parser), logging_redirect_tqdm():  # log lines above the bars, not through them
         return run(args)
-    except (DataError, dynvit.WeightMismatchError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

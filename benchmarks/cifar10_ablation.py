@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "train.py", "--config", preset, "--data.path", args.data,
                    "--model.pretrained_path", args.teacher, "--train.epochs", str(epochs), "--train.output_dir", str(out),
                    "--train.resume", "auto", "--train.eval_modes", "[topk]", "--train.flops_images", "0",
-                   "--train.progress_bar", "false", *_overrides(name, float(args.epochs)), *budget, *extra]
+                   "--train.progress_bar", "false",
+                   "--train.calibrate_images", "0",  # every training image trained on; this script calibrates itself
+                   *_overrides(name, float(args.epochs)), *budget, *extra]
             print("+ " + " ".join(cmd), flush=True)
             t0 = time.time()
             subprocess.run(cmd, cwd=REPO, check=True)

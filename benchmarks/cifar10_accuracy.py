@@ -74,7 +74,9 @@ def _train(config: str, out: Path, overrides: list[str], args) -> tuple[Path, fl
         return final, 0.0
     cmd = [sys.executable, "train.py", "--config", config, "--data.path", str(args.data), "--train.output_dir", str(out),
            "--train.resume", "auto", "--train.progress_bar", "false", "--train.eval_modes", "[topk]",
-           "--train.flops_images", "0", *overrides, *args.train_args]
+           "--train.flops_images", "0",
+           "--train.calibrate_images", "0",  # every training image trained on; this script calibrates itself
+           *overrides, *args.train_args]
     print("+ " + " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)

@@ -6,7 +6,7 @@ straight-through estimator), then really drop tokens at inference and count what
 from .calibrate import calibrate
 from .export import export_model
 from .flops import count_flops
-from .hub import load_pretrained, save_pretrained
+from .hub import load_pretrained, push_to_hub, save_pretrained
 from .gumbel import gumbel_sigmoid, logistic_noise, straight_through_sigmoid
 from .model import DynViTMixin, PruningOutput, TrainingModel
 from .patch import build_model, is_patched, patch
@@ -32,6 +32,7 @@ __all__ = [
     "export_model",
     "save_pretrained",
     "load_pretrained",
+    "push_to_hub",
     "load_weights",
     "WeightMismatchError",
     "PruningOutput",

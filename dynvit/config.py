@@ -16,6 +16,8 @@ from typing import Any, Union
 
 import yaml
 
+from .ratios import normalize_keep_ratio
+
 __all__ = [
     "ModelConfig", "DataConfig", "AugConfig", "LossConfig", "OptimConfig", "TauConfig", "TrainConfig",
     "Config", "ConfigError", "load_config", "merge", "parse_overrides", "to_dict", "save_config",
@@ -31,7 +33,7 @@ class ModelConfig:
     name: str = "deit_small_patch16_224"  # timm model name
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (img_size, patch_size, depth, ...)
     pretrained: bool = False  # timm hub weights (needs network access)
-    pretrained_path: str | None = None  # local weight file, or a directory written by dynvit.save_pretrained
+    pretrained_path: str | None = None  # weight file, dynvit.save_pretrained directory, local-dir:DIR or hf-hub:org/name
     drop_path_rate: float = 0.0  # stochastic depth of the backbone
     prune_loc: list[int] = field(default_factory=lambda: [3, 6, 9])  # blocks before which tokens are pruned; [] = dense
     keep_ratio: float | list[float] = 0.7  # r (kept r**(s+1) after stage s) or one cumulative fraction per stage
@@ -54,6 +56,7 @@ class DataConfig:
     batch_size: int = 128  # global images per optimizer step (all processes and accumulation steps)
     val_batch_size: int = 256  # validation images per process and batch
     num_workers: int = 4  # data loader worker processes per training process (cache none)
+    verify: bool = False  # decode every image before training and list all unreadable files at once
     cache: str = "none"  # none: decode and augment per image in loader workers; memory: decode once, augment on the device
     cache_dir: str | None = None  # with cache memory: keep decoded splits here for later runs; None = decode every run
     train_subset: int = 0  # use this many training images (class-balanced, seeded); 0 = all
@@ -95,9 +98,14 @@ class LossConfig:
 class OptimConfig:
     opt: str = "adamw"  # timm optimizer name
     lr: float = 1e-3  # peak learning rate of the predictors (and of a dense model) for the global batch
-    min_lr: float = 1e-6  # final learning rate of the cosine schedule
+    sched: str = "cosine"  # timm schedule (timm.scheduler.create_scheduler_v2), a function of the optimizer step
+    min_lr: float = 1e-6  # final learning rate of the schedule
     warmup_lr: float = 0.0  # learning rate at step 0 of the warm-up
     warmup_epochs: float = 5  # linear warm-up length
+    decay_epochs: float | None = None  # step: epochs between decays; wsd, rsqrt: decay length (< 1: a fraction); null = timm's
+    decay_milestones: list[float] = field(default_factory=lambda: [90.0, 180.0, 270.0])  # multistep: epochs of the decays
+    decay_rate: float = 0.1  # step, multistep: factor per decay; poly: the power
+    sched_kwargs: dict = field(default_factory=dict)  # other create_scheduler_v2 arguments (cycle_limit, k_decay, noise, ...)
     weight_decay: float = 0.05  # decoupled weight decay (not on biases, norms, embeddings)
     eps: float = 1e-8  # optimizer epsilon
     backbone_lr_scale: float = 0.01  # backbone learning rate relative to the predictors' (pruning runs)
@@ -105,7 +113,7 @@ class OptimConfig:
     backbone_freeze_epochs: float = 5  # backbone learning rate is 0 before this epoch (pruning runs)
     frozen_params: list[str] = field(default_factory=list)  # parameter-name prefixes never trained (e.g. pos_embed)
     clip_grad: float | None = None  # max gradient norm; None = no clipping
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_accum_steps: int | None = None  # micro-batches per step; null = accelerate launch's --gradient_accumulation_steps, else 1
     ema: bool = False  # keep an exponential moving average of the weights
     ema_decay: float = 0.9999  # EMA decay per optimizer step
 
@@ -131,7 +139,7 @@ class TrainConfig:
     epochs: int = 30  # passes over the training set
     seed: int = 0  # seed of initialisation, data order, augmentation and sampling
     output_dir: str = "runs/dynvit"  # checkpoints, resolved config, metrics and the final model
-    mixed_precision: str = "no"  # no, bf16 or fp16 (fp16 needs a GPU)
+    mixed_precision: str | None = None  # no, bf16 or fp16 (GPU only); null = accelerate launch's --mixed_precision, else no
     save_every_steps: int = 0  # checkpoint every N optimizer steps (and at each epoch end); 0 = epoch ends only
     keep_checkpoints: int = 2  # checkpoints kept on disk (oldest deleted first)
     resume: str = ""  # "" = start fresh, "auto" = latest checkpoint in output_dir if any, or a checkpoint path
@@ -141,7 +149,9 @@ class TrainConfig:
     eval_modes: list[str] = field(default_factory=lambda: ["threshold", "topk", "none"])  # pruning modes validated
     flops_images: int = 8  # validation images traced to count threshold-mode GMACs; 0 = skip GMACs
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # accelerate trackers
-    progress_bar: bool = True  # tqdm bars on the main process
+    progress_bar: bool = True  # a tqdm bar for the whole run on the main process (only when stderr is a terminal)
+    calibrate_images: int = 1000  # held-out training images threshold mode is calibrated on after training; 0 = off
+    push_to_hub: str = ""  # Hub repo id (org/name) the final model and its model card are pushed to; "" = none
 
 
 @dataclass
@@ -167,12 +177,13 @@ _CHOICES = {
     "model.dropped_tokens": ("discard", "merge"),
     "loss.ratio_per": ("image", "batch"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "optim.sched": ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant"),
 }
 _POSITIVE = ("data.batch_size", "data.val_batch_size", "optim.lr", "optim.grad_accum_steps", "train.epochs", "train.log_every",
              "train.eval_every_epochs", "tau.tau_start", "tau.tau_end", "train.keep_checkpoints")
 _NON_NEGATIVE = ("optim.signal_lr_scale", "model.tome_r", "data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
                  "optim.warmup_epochs", "optim.backbone_freeze_epochs", "train.save_every_steps", "train.stop_after_steps",
-                 "train.flops_images", "loss.cls_weight", "loss.ratio_weight", "loss.distill_logits_weight",
+                 "train.flops_images", "train.calibrate_images", "loss.cls_weight", "loss.ratio_weight", "loss.distill_logits_weight",
                  "loss.distill_tokens_weight", "loss.margin_weight", "loss.margin")
 
 
@@ -313,12 +324,12 @@ def validate(cfg: Config) -> Config:
     flat = to_dict(cfg)
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
-        if flat[section][name] not in choices:
+        if flat[section][name] is not None and flat[section][name] not in choices:  # None: unset, decided elsewhere
             raise ConfigError(f"{key}: must be one of {choices}, got {flat[section][name]!r}")
     for key in _POSITIVE + _NON_NEGATIVE:
         section, name = key.split(".")
         value = flat[section][name]
-        if value < 0 or (key in _POSITIVE and value == 0):
+        if value is not None and (value < 0 or (key in _POSITIVE and value == 0)):
             raise ConfigError(f"{key}: must be {'> 0' if key in _POSITIVE else '>= 0'}, got {value}")
     bad_signals = [s for s in cfg.model.predictor_signals if s not in ("attention", "redundancy", "size")]
     if bad_signals:
@@ -330,6 +341,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.method=tome needs model.tome_r > 0 (tokens merged per block)")
     if cfg.model.method in ("evit", "random") and not cfg.model.prune_loc:
         raise ConfigError(f"model.method={cfg.model.method} needs model.prune_loc (the blocks where tokens are dropped)")
+    if cfg.model.prune_loc and cfg.model.method != "tome":
+        try:
+            normalize_keep_ratio(cfg.model.keep_ratio, len(cfg.model.prune_loc))
+        except ValueError as e:
+            fix = "" if "give" in str(e) else ("; --model.keep_ratio r keeps r**s of the patch tokens after stage s "
+                                               "(e.g. 0.7), or give one cumulative fraction per stage")
+            raise ConfigError(f"model.{e}{fix}") from None
     for key in ("scale_start", "scale_end"):
         if not 0.0 <= getattr(cfg.noise, key) <= 1.0:
             raise ConfigError(f"noise.{key}: must be in [0, 1], got {getattr(cfg.noise, key)}")

@@ -11,17 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+from .progress import progress
 
 __all__ = ["DataError", "scan_image_folder", "SeededImageDataset", "resolve_data", "build_transform", "build_datasets",
-           "balanced_subset", "data_loader"]
+           "balanced_subset", "data_loader", "verify_images"]
 
 _log = logging.getLogger(__name__)
 
@@ -104,7 +108,8 @@ class SeededImageDataset(Dataset):
         try:
             image = self.loader(path)
         except OSError as e:
-            raise DataError(f"cannot read image {path!r}: {e}") from e
+            raise DataError(f"cannot read image {path!r}: {_reason(e)}; remove or replace it (data.verify: true lists every "
+                            "unreadable image before training)") from e
         seed = _sample_seed(self.seed, self.epoch, index)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
@@ -154,12 +159,14 @@ def build_transform(data_config: dict, aug_cfg=None, *, is_training: bool):
 
 
 def build_datasets(data_cfg, aug_cfg, data_config: dict, *, seed: int, train_folder=None, val_folder=None,
-                   device: str | torch.device = "cpu"):
+                   device: str | torch.device = "cpu", exclude: Sequence[int] = ()):
     """Training and validation datasets for the config: :class:`SeededImageDataset` (images
     decoded and augmented per sample, in loader workers) or, with ``data_cfg.cache ==
     "memory"``, :class:`dynvit.memory_data.MemoryImageDataset` on ``device``.
 
-    Folders may be passed in when they were scanned already (to learn the class count).
+    Folders may be passed in when they were scanned already (to learn the class count);
+    ``exclude`` lists training images kept out of training (held out for calibration), which
+    ``data_cfg.verify`` checks as well.
     """
     train_folder = train_folder or scan_image_folder(os.path.join(data_cfg.path, data_cfg.train_split), what="training")
     val_folder = val_folder or scan_image_folder(os.path.join(data_cfg.path, data_cfg.val_split), what="validation")
@@ -169,8 +176,13 @@ def build_datasets(data_cfg, aug_cfg, data_config: dict, *, seed: int, train_fol
         raise DataError(
             f"training and validation classes differ: only in training {only_train[:10]}, only in validation {only_val[:10]}"
         )
-    train_ix = balanced_subset(train_folder.targets, data_cfg.train_subset, seed)
+    excluded = set(exclude)
+    pool = [i for i in range(len(train_folder)) if i not in excluded]
+    train_ix = [pool[j] for j in balanced_subset([train_folder.targets[i] for i in pool], data_cfg.train_subset, seed)]
     val_ix = balanced_subset(val_folder.targets, data_cfg.val_subset, seed)
+    if data_cfg.verify:
+        verify_images([train_folder.samples[i][0] for i in sorted({*train_ix, *excluded})]
+                      + [val_folder.samples[i][0] for i in val_ix], num_workers=data_cfg.num_workers)
     if data_cfg.cache == "memory":
         from .memory_data import memory_datasets  # imported here: memory_data builds on this module
 
@@ -179,6 +191,30 @@ def build_datasets(data_cfg, aug_cfg, data_config: dict, *, seed: int, train_fol
     train = SeededImageDataset(train_folder, build_transform(data_config, aug_cfg, is_training=True), indices=train_ix, seed=seed)
     val = SeededImageDataset(val_folder, build_transform(data_config, is_training=False), indices=val_ix, seed=seed)
     return train, val
+
+
+def _reason(error: Exception) -> str:
+    return re.sub(r"<_io\.\w+ name=('[^']*')>", r"\1", str(error))  # PIL names the open file object
+
+
+def _unreadable(path: str) -> str | None:
+    try:
+        default_loader(path)
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file cannot be trained on
+        return f"{path} ({type(e).__name__}: {_reason(e)})"
+    return None
+
+
+def verify_images(paths: Sequence[str], *, num_workers: int = 0) -> None:
+    """Decode every image of ``paths`` as training will (``num_workers`` threads, with a
+    progress bar) and raise one :class:`DataError` that lists every file that fails."""
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        results = progress(pool.map(_unreadable, paths), desc="verifying images", total=len(paths), unit="img")
+        bad = [r for r in results if r]
+    if bad:
+        raise DataError(f"{len(bad)} of {len(paths)} images cannot be read: {'; '.join(bad)}; remove or replace them, "
+                        "then run again")
+    _log.info("verified %d images: all readable", len(paths))
 
 
 def _whole_batch(batch):

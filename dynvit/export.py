@@ -345,10 +345,12 @@ def ort_speed(dense_path: str, pruned_path: str, batches: list[torch.Tensor], *,
 
 
 def load_checkpoint(path: str | os.PathLike) -> nn.Module:
-    """The model saved by :func:`dynvit.hub.save_pretrained` in directory ``path``."""
+    """The model saved by :func:`dynvit.hub.save_pretrained` in directory ``path`` (or ``hf-hub:org/name``)."""
     from .hub import CONFIG_NAME, WEIGHTS_NAME, load_pretrained
 
     path = os.fspath(path)
+    if path.startswith(("hf-hub:", "local-dir:")):
+        return load_pretrained(path)
     if not os.path.isdir(path):
         what = "is a file" if os.path.isfile(path) else "does not exist"
         raise FileNotFoundError(f"checkpoint {path!r} {what}: pass a directory written by dynvit.save_pretrained "

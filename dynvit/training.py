@@ -16,15 +16,33 @@ import torch
 from torch import nn
 
 from .config import Config, save_config
-from .hub import weights_file
 from .model import PruningOutput
 from .weights import load_weights
 
-__all__ = ["create_model", "create_teacher", "DenseTrainingModel", "param_groups", "set_learning_rates", "seed_step",
-           "TrainState", "save_checkpoint", "find_checkpoint", "MetricsFile"]
+__all__ = ["create_accelerator", "create_model", "create_teacher", "DenseTrainingModel", "param_groups", "create_scheduler",
+           "set_learning_rates", "seed_step", "TrainState", "save_checkpoint", "find_checkpoint", "MetricsFile",
+           "calibration_indices"]
 
 _log = logging.getLogger(__name__)
 LATEST = "latest"
+
+
+# ---- the accelerator ----------------------------------------------------------------------
+def create_accelerator(cfg: Config, launch):
+    """The run's ``Accelerator``: precision and accumulation as reconciled by
+    :func:`dynvit.preflight.launch_settings` (``launch``), Accelerate's trackers, the run's
+    folders, seedable samplers (a resumed run sees the batches an uninterrupted one sees)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+
+    out_dir = cfg.train.output_dir
+    return Accelerator(
+        mixed_precision=launch.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=launch.grad_accum_steps, sync_with_dataloader=False),
+        log_with=cfg.train.trackers or None,
+        project_config=ProjectConfiguration(project_dir=out_dir, logging_dir=os.path.join(out_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+    )
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -37,7 +55,7 @@ def create_model(cfg: Config, num_classes: int) -> nn.Module:
 
     m = cfg.model
     kwargs = {**m.kwargs, "num_classes": num_classes, "drop_path_rate": m.drop_path_rate}
-    path = weights_file(m.pretrained_path) if m.pretrained_path else None
+    path = m.pretrained_path or None  # a file, a save_pretrained folder, local-dir:DIR or hf-hub:org/name
     if m.prune_loc and m.method == "dynvit":
         return build_model(m.name, prune_loc=m.prune_loc, keep_ratio=m.keep_ratio, sampler=m.sampler,
                            predictor_hidden_ratio=m.predictor_hidden_ratio, dropped_tokens=m.dropped_tokens,
@@ -113,6 +131,20 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     return list(groups.values())
 
 
+def create_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
+    """timm's ``optim.sched`` schedule (``create_scheduler_v2``) in optimizer steps, the
+    warm-up ahead of ``train.epochs``; ``optim.sched_kwargs`` reach timm as they are."""
+    from timm.scheduler import create_scheduler_v2
+
+    o = cfg.optim
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=o.sched, num_epochs=cfg.train.epochs, min_lr=o.min_lr, warmup_lr=o.warmup_lr,
+        warmup_epochs=o.warmup_epochs, decay_epochs=o.decay_epochs, decay_milestones=list(o.decay_milestones),
+        decay_rate=o.decay_rate, warmup_prefix=True, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+        **o.sched_kwargs)
+    return scheduler
+
+
 def set_learning_rates(optimizer, scheduler, step: int, freeze_backbone_steps: int) -> None:
     """Learning rates at global ``step``: timm's schedule (times each group's ``lr_scale``),
     and 0 for the backbone before ``freeze_backbone_steps`` (DynamicViT's warm-up of the
@@ -171,6 +203,7 @@ def save_checkpoint(accelerator, root: str, step: int, cfg: Config, keep: int) -
         done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        _log.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 
@@ -180,8 +213,8 @@ def find_checkpoint(resume: str, root: str) -> str | None:
     when there is none), a path = that checkpoint (or the ``latest`` of that folder)."""
     if not resume:
         if os.path.isfile(os.path.join(root, LATEST)):
-            raise FileExistsError(f"{root} holds checkpoints of an earlier run; resume it (--resume, or train.resume: auto) "
-                                  "or choose another train.output_dir")
+            raise FileExistsError(f"train.output_dir: {os.path.dirname(root)} holds checkpoints of an earlier run; resume "
+                                  "it (--resume, or train.resume: auto) or choose another train.output_dir")
         return None
     base = root if resume == "auto" else resume
     pointer = os.path.join(base, LATEST)
@@ -191,8 +224,21 @@ def find_checkpoint(resume: str, root: str) -> str | None:
     if resume == "auto":
         return None
     if not os.path.isdir(resume):
-        raise FileNotFoundError(f"train.resume={resume!r}: no such checkpoint folder")
+        raise FileNotFoundError(f"train.resume: no checkpoint folder {resume!r}; give auto, a run's checkpoints folder "
+                                "or one of its step_* folders, or \"\" to start fresh")
     return resume
+
+
+# ---- calibration -----------------------------------------------------------------------------
+def calibration_indices(targets, size: int, seed: int) -> list[int]:
+    """``size`` training images (class-balanced, seeded) held out of training for calibrating
+    threshold mode; at most a fifth of the split."""
+    from .data import balanced_subset
+
+    size = min(size, len(targets) // 5)
+    if size < 1:
+        return []
+    return balanced_subset(targets, size, seed + 1)
 
 
 # ---- metrics ------------------------------------------------------------------------------

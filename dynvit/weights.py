@@ -34,24 +34,31 @@ def _strip_wrapper_prefix(state_dict: dict[str, torch.Tensor], model: nn.Module)
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, use_ema: bool = True) -> nn.Module:
-    """Load a local checkpoint into ``model`` in place and return it.
+    """Load a checkpoint into ``model`` in place and return it.
 
     Accepts timm-style checkpoints (``.pth``/``.pt``/``.bin`` holding a state dict or a dict
-    with ``state_dict``/``model``/``state_dict_ema``) and ``.safetensors`` files, dense or
-    with dynvit predictors. As timm does for pretrained weights, the position embedding and
+    with ``state_dict``/``model``/``state_dict_ema``), ``.safetensors`` files and folders
+    written by :func:`dynvit.save_pretrained` (a path, ``local-dir:DIR`` or
+    ``hf-hub:org/name``), dense or with dynvit predictors. As timm does for pretrained weights, the position embedding and
     patch embedding are resampled to the model's grid, and a classifier whose class count
     differs is left freshly initialised (logged), so a checkpoint can be fine-tuned on a new
     label set. Predictor weights absent from a dense checkpoint start from their init.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
+        FileNotFoundError: no file or folder at ``path``.
         WeightMismatchError: keys missing from or unexpected in the file, or tensors whose
             shapes do not fit; the message names them.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file {path!r} not found; pass the path of a .pth/.safetensors checkpoint")
-    state_dict = load_state_dict(path, use_ema=use_ema)
+    if path.startswith(("hf-hub:", "local-dir:")) or os.path.isdir(path):
+        from .hub import load_state, resolve
+
+        state_dict = load_state(resolve(path)[0])
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"weight file {path!r} not found; pass a .pth/.safetensors file, a folder written by "
+                                "dynvit.save_pretrained, local-dir:DIR or hf-hub:org/name")
+    else:
+        state_dict = load_state_dict(path, use_ema=use_ema)
     state_dict = _strip_wrapper_prefix(state_dict, model)
     if isinstance(model, eva.Eva):  # Eva's own key names and conversions (EVA, PE, DINOv3 checkpoints)
         state_dict = eva.checkpoint_filter_fn(state_dict, model)

@@ -13,8 +13,9 @@
    inference.
 3. Both models measured in this run on the same images and CPU: top-1, kept tokens per image
    (mean and 5th-95th percentile), GMACs and images/s at batch 1 and 64, for top-k mode,
-   threshold mode as trained (keep probability > 0.5) and threshold mode calibrated by
-   ``dynvit.calibrate`` (on training images) to the top-k budget.
+   threshold mode as trained (keep probability > 0.5) and threshold mode as saved: calibrated
+   by ``train.py`` (``dynvit.calibrate`` on 1,000 training images held out of the fine-tune) to
+   the top-k budget.
 4. The model saved by ``dynvit.save_pretrained`` (``<out>/dynvit/final``) and exported to
    ONNX in top-k and threshold mode, each checked against PyTorch in onnxruntime.
 """
@@ -63,7 +64,8 @@ def _dense_model(args, out: Path) -> Path:
     classes = scan_image_folder(Path(args.data) / "train", what="training").classes
     teacher = Path(args.teacher)
     if not args.retrain_dense and (teacher / "config.json").is_file():
-        if json.loads((teacher / "config.json").read_text()).get("classes") == classes:
+        saved = json.loads((teacher / "config.json").read_text())
+        if saved.get("label_names", saved.get("classes")) == classes:  # timm's key, or the earlier dynvit format's
             print(f"[1/4] the dense ViT: {teacher} (pretrained, not retrained)", flush=True)
             return teacher
         print(f"      {teacher} was trained on other classes than {args.data}: training a dense ViT instead", flush=True)
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
                         help="a dense save_pretrained directory to fine-tune (used when its classes match --data)")
     parser.add_argument("--out", default=str(REPO / "runs" / "demo"), help="where the runs and the table go")
     parser.add_argument("--val-images", type=int, default=2000, help="validation images measured (0 = all)")
-    parser.add_argument("--calib-images", type=int, default=1000, help="training images dynvit.calibrate uses")
+    parser.add_argument("--calib-images", type=int, default=1000,
+                        help="training images held out of the fine-tune for calibrating threshold mode")
     parser.add_argument("--retrain-dense", action="store_true", help="train the dense model here even if one exists")
     parser.add_argument("--export", default="onnx", choices=["onnx", "pt2", "none"], help="export the pruned model")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
     print("[2/4] fine-tuning it with token pruning ...", flush=True)
     t0 = time.perf_counter()
     cfg = load_config(REPO / "configs" / "cifar10_dynvit.yaml",
-                      PRUNE_RUN + _common(args, out / "dynvit") + ["--model.pretrained_path", str(dense_dir)])
+                      PRUNE_RUN + _common(args, out / "dynvit") + ["--model.pretrained_path", str(dense_dir),
+                                                                   "--train.calibrate_images", str(args.calib_images)])
     train(cfg)
     print(f"      done in {time.perf_counter() - t0:.0f} s -> {out / 'dynvit' / 'final'}", flush=True)
 
@@ -118,18 +122,16 @@ def main(argv=None) -> int:
     images = torch.cat([x for x, _ in batches])
     input_size = data_cfg["input_size"]
 
-    calibrated = copy.deepcopy(pruned)
-    calib_set = _eval_images(args.data, "train", data_cfg, args.calib_images, seed=1)
-    calib = torch.cat([x for x, _ in torch.utils.data.DataLoader(calib_set, batch_size=250)])
-    dynvit.calibrate(calibrated, calib, keep_ratio=pruned.keep_ratio)  # the top-k budget, per image adaptive
+    as_trained = copy.deepcopy(pruned)  # train.py saved it calibrated to the top-k budget (per image adaptive)
+    as_trained.keep_threshold.zero_()  # keep probability > 0.5: the decisions the fine-tune ended on
 
     r = cfg.model.keep_ratio
     labels = {"dense": "dense ViT (teacher)", "topk": f"DynViT, top-k {r}", "threshold": "DynViT, threshold p > 0.5",
               "calibrated": f"DynViT, threshold calibrated to {r}"}
-    models = {"dense": dense, "topk": copy.deepcopy(pruned), "threshold": pruned, "calibrated": calibrated}
+    models = {"dense": dense, "topk": copy.deepcopy(pruned), "threshold": as_trained, "calibrated": pruned}
     models["topk"].prune_mode = "topk"
-    accuracy = {"dense": evaluate(dense, batches), **evaluate_modes(pruned, batches, ("topk", "threshold")),
-                "calibrated": evaluate(calibrated, batches, mode="threshold")}
+    accuracy = {"dense": evaluate(dense, batches), "threshold": evaluate(as_trained, batches, mode="threshold"),
+                **evaluate_modes(pruned, batches, ("topk",)), "calibrated": evaluate(pruned, batches, mode="threshold")}
 
     def spread(k: int) -> torch.Tensor:  # k images of every class, not the first classes' images
         return images[spread_indices(len(images), k)]

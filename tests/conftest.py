@@ -1,7 +1,9 @@
 """Shared fixtures: small timm ViTs with weights perturbed so every parameter matters."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,32 @@ def cifar_dir(split: str = "test") -> Path:
     if not path.is_dir():
         pytest.skip(f"shared CIFAR-10 copy not found at {path}")
     return path
+
+
+def populate_hf_cache(cache: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef" * 2 + "01234567") -> None:
+    """Lay ``folder`` out as huggingface_hub caches a downloaded model repo: blobs named by
+    content hash, a snapshot of symlinks per commit, ``refs/main`` naming the commit."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in folder.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copyfile(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in a tmp dir, the Hub switched off (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read at import; the library reads these now
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -32,6 +32,20 @@ def test_deit_presets_mirror_dynamicvit(arch, ratio_weight, drop_path):
     assert cfg.loss.ratio_weight == ratio_weight and cfg.model.drop_path_rate == drop_path
     assert (cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.smoothing, cfg.aug.re_prob) == (0.8, 1.0, 0.1, 0.25)
     assert cfg.optim.ema and cfg.optim.ema_decay == 0.9999
+    # unlike DynamicViT, the noise goes to 0 over 70% of the run: the end trains threshold mode's decisions
+    assert (cfg.noise.kind, cfg.noise.scale_start, cfg.noise.scale_end, cfg.noise.anneal_epochs) == ("linear", 1.0, 0.0, 21)
+    assert cfg.optim.grad_accum_steps is None and cfg.train.calibrate_images == 1000  # the launcher's; calibrated
+
+
+def test_the_paper_variant_is_dynamicvit_exactly():
+    ours = load_config(REPO / "configs" / "deit_small_dynamicvit.yaml")
+    paper = load_config(REPO / "configs" / "deit_small_dynamicvit_paper.yaml")
+    assert paper.noise == type(paper.noise)()  # Bernoulli masks (noise scale 1) throughout
+    assert paper.train.mixed_precision == "no" and paper.train.eval_modes[0] == "topk"  # fp32; top-k, as measured
+    same = {**to_dict(paper), "noise": to_dict(ours)["noise"]}
+    same["train"] = {**same["train"], **{k: to_dict(ours)["train"][k] for k in ("output_dir", "mixed_precision",
+                                                                                  "eval_modes")}}
+    assert same == to_dict(ours)
 
 
 def test_cifar_fine_tune_matches_its_dense_model():

@@ -303,7 +303,7 @@ def test_sweep_has_calibrated_threshold_beside_topk(checkpoints, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bad_budget_arguments_are_refused(checkpoints):
+def test_bad_budget_arguments_are_refused(checkpoints, capsys):
     cli = _eval_module()
     with pytest.raises(SystemExit):
         cli.parse_args(["--checkpoint", "x", "--data", "y", "--budget", "0.5", "--mode", "topk"])
@@ -311,9 +311,13 @@ def test_bad_budget_arguments_are_refused(checkpoints):
         cli.parse_args(["--checkpoint", "x", "--budget", "0.5"])  # no data
     with pytest.raises(SystemExit):
         cli.parse_args(["--checkpoint", "x", "--data", "y", "--budget", "1.5"])
-    with pytest.raises(SystemExit, match="leaves no image"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         cli.main(["--checkpoint", str(checkpoints / "dynvit"), "--data", str(cifar_dir("test")), "--budget", "0.5",
                   "--calib-images", "10000", "--workers", "0", "--no-speed", "--methods", "dense,dynvit"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: --calib-images 10000 leaves no image of {cifar_dir('test')} to evaluate; "
+                                       "hold out fewer or calibrate on another split (--calib-split)\n")
 
 
 def test_visualize_writes_png(checkpoints, tmp_path):
@@ -321,3 +325,102 @@ def test_visualize_writes_png(checkpoints, tmp_path):
     _eval_module().main(["--checkpoint", str(checkpoints / "dynvit"), "--data", str(cifar_dir("test")),
                          "--visualize", "6", "--workers", "0", "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the command line ----------------------------------------------------------------------
+def test_training_names_and_old_names_mean_the_same():
+    cli = _eval_module()
+    new = cli.parse_args(["--model.name", "m", "--data.path", "d", "--model.keep_ratio", "[0.8, 0.5]", "--train.seed", "3",
+                          "--data.num_workers", "1", "--model.prune_loc", "[1,2]", "--model.tome_r", "2",
+                          "--data.val_batch_size", "8", "--model.kwargs", "{img_size: 32}"])
+    old = cli.parse_args(["--model", "m", "--data", "d", "--keep-ratio", "0.8,0.5", "--seed", "3", "--workers", "1",
+                          "--prune-loc", "1,2", "--tome-r", "2", "--batch-size", "8", "--model-kwargs", "{img_size: 32}"])
+    assert vars(new) == vars(old)
+    assert (new.keep_ratio, new.seed, new.workers, new.prune_loc, new.batch_size) == ([0.8, 0.5], 3, 1, [1, 2], 8)
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        _eval_module().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--data.num_workers WORKERS, --workers WORKERS data loader workers (default: 2)" in out
+    assert "--train.seed SEED, --seed SEED seed of the image subset and of random dropping (default: 0)" in out
+    assert "--calib-images CALIB_IMAGES images held out of the split for --budget/--sweep (default: 1000)" in out
+
+
+def test_pretrained_reaches_timm(monkeypatch, tmp_path):
+    """--model.name NAME --pretrained asks timm for the hub's weights (no network here: the
+    call is recorded and answered with random weights)."""
+    cli = _eval_module()
+    calls = []
+    real = timm.create_model
+
+    def create_model(name, pretrained=False, **kwargs):
+        calls.append((name, pretrained, kwargs))
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(cli.timm, "create_model", create_model)
+    cli.main(["--model.name", "vit_tiny_patch16_224", "--pretrained", "--model.kwargs", TINY_YAML, "--methods", "dense",
+              "--flops-only", "--json", str(tmp_path / "e.json")])
+    assert calls[0] == ("vit_tiny_patch16_224", True, TINY)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--checkpoint", "x", "--pretrained"])  # a checkpoint has its own weights
+
+
+def test_checkpoint_from_the_hub_cache(checkpoints, offline_hub, tmp_path):
+    from conftest import populate_hf_cache
+
+    populate_hf_cache(offline_hub, "someone/tiny-dynvit", checkpoints / "dynvit")
+    out = tmp_path / "hub.json"
+    _eval_module().main(["--checkpoint", "hf-hub:someone/tiny-dynvit", "--data.path", str(cifar_dir("test")),
+                         "--limit", "20", "--data.num_workers", "0", "--methods", "dense,dynvit", "--no-speed",
+                         "--flops-images", "2", "--json", str(out)])
+    local = tmp_path / "local.json"
+    _eval_module().main(["--checkpoint", str(checkpoints / "dynvit"), "--data.path", str(cifar_dir("test")),
+                         "--limit", "20", "--data.num_workers", "0", "--methods", "dense,dynvit", "--no-speed",
+                         "--flops-images", "2", "--json", str(local)])
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+    assert strip(json.loads(out.read_text())["rows"]) == strip(json.loads(local.read_text())["rows"])
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, so tqdm draws its bars into it."""
+
+    def __init__(self):
+        self.text = []
+
+    def write(self, s):
+        self.text.append(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-progress"]])
+def test_progress_bars_over_methods_and_batches(checkpoints, monkeypatch, tmp_path, flag):
+    from dynvit import progress
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr(progress, "_enabled", True)
+    _eval_module().main(["--checkpoint", str(checkpoints / "dynvit"), "--data.path", str(cifar_dir("test")), "--limit",
+                         "20", "--data.num_workers", "0", "--methods", "dense,dynvit,random", "--no-speed",
+                         "--flops-images", "2", "--json", str(tmp_path / "e.json"), *flag])
+    drawn = "".join(terminal.text)
+    for bar in ("methods: 100%", "accuracy (threshold): ", "accuracy (none): ", "decoding images: "):
+        assert (bar in drawn) is not bool(flag), bar
+
+
+def test_a_progress_bar_over_the_timing_repeats(monkeypatch):
+    from dynvit import progress
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr(progress, "_enabled", True)
+    models = {"a": _tiny_dense(), "b": _tiny_dense(1)}
+    bench.measure_speed(models, torch.randn(4, 3, 32, 32), (1, 2), repeats=3, warmup=0, min_seconds=0.001)
+    drawn = "".join(terminal.text)
+    assert "timing:   0%|          | 0/12 [" in drawn  # 2 batch sizes x 3 repeats x 2 models

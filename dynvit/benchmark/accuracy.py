@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..patch import is_patched
+from ..progress import progress
 
 __all__ = ["Accuracy", "evaluate", "evaluate_modes", "kept_token_stats"]
 
@@ -113,6 +114,7 @@ def evaluate_modes(
     *,
     device: str | torch.device | None = None,
     accelerator=None,
+    progress_bar: bool = True,
 ) -> dict[str, Accuracy]:
     """Accuracy and tokens of the eval-mode ``model`` in each pruning mode, in one pass.
 
@@ -125,6 +127,7 @@ def evaluate_modes(
         device: where batches go; default the model's device.
         accelerator: gathers every process's share of a sharded loader
             (``gather_for_metrics``, which also drops the samples sharding repeated).
+        progress_bar: a bar over the batches (:func:`dynvit.progress.progress`: on a terminal only).
 
     Returns:
         ``{mode: Accuracy}``, keyed by the resolved mode name.
@@ -138,7 +141,7 @@ def evaluate_modes(
     model.eval()
     parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {"hit1": [], "hit5": [], "kept": [], "tokens": []} for m in names}
     try:
-        for images, target in loader:
+        for images, target in progress(loader, desc=f"accuracy ({', '.join(names)})", unit="batch", disable=not progress_bar):
             images, target = images.to(device), target.to(device)
             for mode in names:
                 logits, kept, tokens = _forward(model, images, mode, patched)

@@ -21,6 +21,7 @@ from ..baselines import patch_evit, patch_random, patch_tome
 from ..calibrate import calibrate
 from ..flops import count_flops
 from ..patch import is_patched, patch
+from ..progress import progress
 from ..ratios import normalize_keep_ratio, normalize_prune_loc
 from .accuracy import evaluate, num_patches
 from .speed import measure_speed, paired_speedup, tile
@@ -200,7 +201,10 @@ def compare(
     if images is None:
         images = torch.randn(8, *input_size, generator=torch.Generator().manual_seed(seed)).to(device)
     dynvit_model, loc, ratios = _setup_dynvit(dense, dynvit_model, "dynvit" in methods, prune_loc, keep_ratio, mode, images)
-    rows = _Rows(input_size, images, loader)
+    finetuned = finetuned or {}
+    count = 1 + (dynvit_model is not None and "dynvit" in methods) + sum(
+        1 + (m in finetuned) for m in ("evit", "random", "tome") if m in methods)
+    rows = _Rows(input_size, images, loader, progress(desc="methods", total=count, unit="model", leave=True))
     rows.measure("dense", dense, setting="-")
     if dynvit_model is not None and "dynvit" in methods:
         row = rows.measure("dynvit", dynvit_model, setting=f"{mode}, keep {_fmt_ratios(ratios)}", mode=mode,
@@ -211,7 +215,6 @@ def compare(
         elif mode == "none":
             ratios = (1.0,) * len(loc)
             row["setting"] = "none (dense path)"
-    finetuned = finetuned or {}
     for name in ("evit", "random"):
         for label, source in ((name, dense), (f"{name}+ft", finetuned.get(name))):
             if name in methods and source is not None:
@@ -227,6 +230,7 @@ def compare(
             if source is not None:
                 rows.measure(label, make_method(dense_backbone(source), "tome", tome_r=tome_r), setting=f"r={tome_r}",
                              tome_r=tome_r)
+    rows.bar.close()
     if batch_sizes:
         speed_images = images if speed_images is None else speed_images
         speed = measure_speed(rows.models, tile(speed_images, max(batch_sizes)), batch_sizes, repeats=repeats)
@@ -259,12 +263,13 @@ def _setup_dynvit(dense, model, wanted, prune_loc, keep_ratio, mode, images):
 class _Rows:
     """Result rows and their models, measured alike: parameters, GMACs, accuracy and tokens."""
 
-    def __init__(self, input_size: Sequence[int], images: torch.Tensor, loader: Iterable | None):
-        self.input_size, self.images, self.loader = input_size, images, loader
+    def __init__(self, input_size: Sequence[int], images: torch.Tensor, loader: Iterable | None, bar):
+        self.input_size, self.images, self.loader, self.bar = input_size, images, loader, bar
         self.rows: dict[str, dict] = {}
         self.models: dict[str, nn.Module] = {}
 
     def measure(self, name: str, model: nn.Module, **info) -> dict:
+        self.bar.set_postfix_str(name)
         model.eval()
         device = self.images.device
         row = {"method": name, **info, "params_m": _params_m(model), "gmacs": _gmacs(model, self.input_size, self.images)}
@@ -275,6 +280,7 @@ class _Rows:
             row["tokens_per_block"] = evaluate(model, batch, device=device).tokens_per_block
         _log.info("%s: %s", name, {k: v for k, v in row.items() if k != "tokens_per_block"})
         self.models[name], self.rows[name] = model, row
+        self.bar.update()
         return row
 
 

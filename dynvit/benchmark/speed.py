@@ -19,6 +19,8 @@ import timm
 import torch
 from torch import nn
 
+from ..progress import progress
+
 __all__ = ["measure_speed", "paired_speedup", "OtherCpuUse", "machine_info"]
 
 _log = logging.getLogger(__name__)
@@ -145,6 +147,7 @@ def measure_speed(
     """
     device = images.device
     result: dict[str, dict[int, dict]] = {name: {} for name in models}
+    bar = progress(desc="timing", total=len(batch_sizes) * repeats * len(models), unit="run")
     for bs in batch_sizes:
         batches = [tile(images, bs)] if len(images) < 2 * bs else list(images[: len(images) // bs * bs].split(bs))
         batch = batches[0]
@@ -168,6 +171,8 @@ def measure_speed(
                         model(batches[c % len(batches)])
                     _sync(device)
                     rates[name].append(calls[name] * bs / (time.perf_counter() - t0))
+                    bar.set_postfix_str(f"batch {bs}, {name}", refresh=False)
+                    bar.update()  # after the clock stopped
         if other.share is not None and other.share + other.steal > 0.05:
             _log.warning("batch %d: other processes took %.0f%% of the CPUs (steal %.0f%%) while timing; "
                          "do not publish these figures", bs, 100 * other.share, 100 * other.steal)
@@ -176,6 +181,7 @@ def measure_speed(
                                 "calls_per_repeat": calls[name], "other_cpu_share": other.share,
                                 "steal_share": other.steal}
             _log.info("%s batch %d: %.1f images/s", name, bs, result[name][bs]["images_per_s"])
+    bar.close()
     return result
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import AttentionRope, apply_keep_indices_nlc
 from timm.layers.pos_embed_sincos import (
     RotaryEmbeddingCat,
@@ -47,7 +48,6 @@ def _attend(attn: nn.Module, x, q, k, v, rope, token_mask, key_bias) -> torch.Te
     """What ``EvaAttention`` and ``AttentionRope`` share after their projections: q/k-norm,
     rotation of the patch tokens, grouped-query expansion, masked softmax, scale norm, gate,
     output projection."""
-    B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     q, k = attn.q_norm(q), attn.k_norm(k)
     if rope is not None:
@@ -58,7 +58,7 @@ def _attend(attn: nn.Module, x, q, k, v, rope, token_mask, key_bias) -> torch.Te
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     out = masked_attention(q, k, v, attn.scale, attn.attn_drop, token_mask, key_bias)
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
+    out = attn.norm(rearrange(out, "b h n d -> b n (h d)"))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
@@ -66,31 +66,29 @@ def _attend(attn: nn.Module, x, q, k, v, rope, token_mask, key_bias) -> torch.Te
 
 def eva_attention_forward(attn: EvaAttention, x, rope, token_mask, key_bias=None) -> torch.Tensor:
     """timm's ``EvaAttention`` on ``x`` ``(B, N, C)`` with the keep mask in its softmax."""
-    B, N, _ = x.shape
     if attn.qkv is not None:
         if attn.q_bias is None:
             qkv = attn.qkv(x)
         else:
             bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
             qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, weight=attn.qkv.weight, bias=bias)
-        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = rearrange(qkv, "b n (qkv h d) -> qkv b h n d", qkv=3, h=attn.num_heads).unbind(0)
     else:
-        q = attn.q_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
-        k = attn.k_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
-        v = attn.v_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+        q, k, v = (rearrange(proj(x), "b n (h d) -> b h n d", h=attn.num_heads)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     return _attend(attn, x, q, k, v, rope, token_mask, key_bias)
 
 
 def rope_attention_forward(attn: AttentionRope, x, rope, token_mask, key_bias=None) -> torch.Tensor:
     """timm's ``AttentionRope`` (grouped-query when ``num_kv_heads < num_heads``) with the keep
     mask in its softmax."""
-    B, N, _ = x.shape
     if attn.qkv is not None:
-        q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    else:
-        q = attn.q_proj(x).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).reshape(B, N, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).reshape(B, N, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k, v = rearrange(attn.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=attn.num_heads,
+                            d=attn.head_dim).unbind(0)
+    else:  # grouped-query attention: fewer key and value heads
+        q = rearrange(attn.q_proj(x), "b n (h d) -> b h n d", h=attn.num_heads, d=attn.head_dim)
+        k, v = (rearrange(proj(x), "b n (h d) -> b h n d", h=attn.num_kv_heads, d=attn.head_dim)
+                for proj in (attn.k_proj, attn.v_proj))
     return _attend(attn, x, q, k, v, rope, token_mask, key_bias)
 
 

@@ -10,6 +10,7 @@ which is its softmax over the kept tokens alone, with ``log(size)`` added for me
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from timm.layers import AttentionPoolLatent
 from torch import nn
 
@@ -46,12 +47,12 @@ def attention_pool_forward(pool: AttentionPoolLatent, x: torch.Tensor, key_weigh
     Honours the latent length, q/k-norm, the projection, norm and MLP, and the pool type of
     the module. ``key_weight`` may carry a gradient (the training path's keep mask).
     """
-    B, N, C = x.shape
-    q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
-    k, v = pool.kv(x).reshape(B, N, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    heads = dict(h=pool.num_heads, d=pool.head_dim)
+    q = rearrange(pool.q(pool.latent.expand(len(x), -1, -1)), "b n (h d) -> b h n d", **heads)
+    k, v = rearrange(pool.kv(x), "b n (kv h d) -> kv b h n d", kv=2, **heads).unbind(0)
     q, k = pool.q_norm(q), pool.k_norm(k)
     out = masked_attention(q, k, v, pool.scale, nn.Identity(), key_weight, self_attention=False)
-    out = pool.proj_drop(pool.proj(out.transpose(1, 2).reshape(B, pool.latent_len, C)))
+    out = pool.proj_drop(pool.proj(rearrange(out, "b h n d -> b n (h d)")))
     if pool.mlp is not None:
         out = out + pool.mlp(pool.norm(out))
     if pool.pool == "token":

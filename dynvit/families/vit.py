@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import Attention
 from timm.layers.diff_attention import DiffAttention
 from timm.models.vision_transformer import (
@@ -39,26 +40,28 @@ __all__ = ["check_vit", "vit_masked_block", "diff_attention_forward", "vit_class
 
 
 # ---- differential attention ----------------------------------------------------------------
+def _diff_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int):
+    """``(B, N, C)`` projections to differential attention's heads: ``2H`` query and key heads
+    (two per head), ``H`` value heads of twice the width."""
+    q, k = (rearrange(t, "b n (h d) -> b h n d", h=2 * num_heads) for t in (q, k))
+    return q, k, rearrange(v, "b n (h d) -> b h n d", h=num_heads)
+
+
 def _diff_attend(mod: nn.Module, q, k, v, token_mask, key_bias) -> torch.Tensor:
     """``(softmax(q1 k1) - lambda softmax(q2 k2)) @ v``, masked, then the sub-norm: the part
     ``DiffAttention`` and ``DiffParallelScalingBlock`` share. ``q``, ``k``: ``(B, 2H, N, D)``
     (head ``h`` owns rows ``2h`` and ``2h + 1``), ``v``: ``(B, H, N, 2D)``. Returns ``(B, N, 2HD)``."""
-    B, _, N, _ = q.shape
     lam = mod._compute_lambda().type_as(q).float()
     probs = mod.attn_drop(masked_softmax((q * mod.scale) @ k.transpose(-2, -1), token_mask, key_bias))
-    probs = probs.view(B, mod.num_heads, 2, N, N)
+    probs = rearrange(probs, "b (h pair) n m -> b h pair n m", pair=2)
     out = (probs[:, :, 0] - lam * probs[:, :, 1]).to(v.dtype) @ v
     out = mod.sub_norm(out) * (1 - mod.lambda_init)
-    return out.transpose(1, 2).reshape(B, N, -1)
+    return rearrange(out, "b h n d -> b n (h d)")
 
 
 def diff_attention_forward(attn: DiffAttention, x: torch.Tensor, token_mask, key_bias=None) -> torch.Tensor:
     """timm's ``DiffAttention`` with a keep mask in both softmaxes."""
-    B, N, _ = x.shape
-    q, k, v = attn.qkv(x).chunk(3, dim=2)
-    q = q.reshape(B, N, 2 * attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = k.reshape(B, N, 2 * attn.num_heads, attn.head_dim).transpose(1, 2)
-    v = v.reshape(B, N, attn.num_heads, 2 * attn.head_dim).transpose(1, 2)
+    q, k, v = _diff_heads(*attn.qkv(x).chunk(3, dim=2), attn.num_heads)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = attn.norm(_diff_attend(attn, q, k, v, token_mask, key_bias))
     return attn.proj_drop(attn.proj(out))
@@ -86,12 +89,10 @@ def _split_in_proj(block: nn.Module, x: torch.Tensor):
 
 
 def _parallel_scaling_block(block: ParallelScalingBlock, x, token_mask, key_bias=None):
-    B, N, C = x.shape
     x_mlp, q, k, v = _split_in_proj(block, x)
-    q = block.q_norm(q.view(B, N, block.num_heads, block.head_dim)).transpose(1, 2)
-    k = block.k_norm(k.view(B, N, block.num_heads, block.head_dim)).transpose(1, 2)
-    v = v.view(B, N, block.num_heads, block.head_dim).transpose(1, 2)
-    x_attn = masked_attention(q, k, v, block.scale, block.attn_drop, token_mask, key_bias).transpose(1, 2).reshape(B, N, C)
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=block.num_heads) for t in (q, k, v))
+    q, k = block.q_norm(q), block.k_norm(k)  # per head vector: the same numbers before or after the transpose
+    x_attn = rearrange(masked_attention(q, k, v, block.scale, block.attn_drop, token_mask, key_bias), "b h n d -> b n (h d)")
     if block.out_proj is not None:
         y = block.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
     else:
@@ -100,11 +101,8 @@ def _parallel_scaling_block(block: ParallelScalingBlock, x, token_mask, key_bias
 
 
 def _diff_parallel_scaling_block(block: DiffParallelScalingBlock, x, token_mask, key_bias=None):
-    B, N, _ = x.shape
     x_mlp, q, k, v = _split_in_proj(block, x)
-    q = q.reshape(B, N, 2 * block.num_heads, block.head_dim).transpose(1, 2)
-    k = k.reshape(B, N, 2 * block.num_heads, block.head_dim).transpose(1, 2)
-    v = v.reshape(B, N, block.num_heads, 2 * block.head_dim).transpose(1, 2)
+    q, k, v = _diff_heads(q, k, v, block.num_heads)
     q, k = block.q_norm(q), block.k_norm(k)
     x_attn = _diff_attend(block, q, k, v, token_mask, key_bias)
     return x + block.drop_path(block.ls(block.out_proj(torch.cat((x_attn, x_mlp), dim=-1))))
@@ -200,12 +198,12 @@ def vit_class_attention(block: nn.Module, x: torch.Tensor, num_prefix_tokens: in
     """
     attn = block.attn
     y = block.norm1(x) if type(block) is Block else x
-    B, n, _ = y.shape
     h, d = attn.num_heads, attn.head_dim
     width = h * d
     weight, bias = attn.qkv.weight, attn.qkv.bias
     query = class_query(y, num_prefix_tokens, has_class_token, alive)
-    q = attn.q_norm(F.linear(query, weight[:width], None if bias is None else bias[:width]).view(B, 1, h, d).transpose(1, 2))
+    q = F.linear(query, weight[:width], None if bias is None else bias[:width])
+    q = attn.q_norm(rearrange(q, "b n (h d) -> b h n d", h=h))
     w_k, b_k = weight[width:2 * width], None if bias is None else bias[width:2 * width]
     if isinstance(attn.k_norm, nn.Identity):
         back = torch.einsum("bhd,hdc->bhc", q[:, :, 0], w_k.view(h, d, -1))  # (B, H, C)
@@ -214,7 +212,7 @@ def vit_class_attention(block: nn.Module, x: torch.Tensor, num_prefix_tokens: in
             logits = logits + (q[:, :, 0] * b_k.view(h, d)).sum(-1, keepdim=True)
         logits = logits.unsqueeze(2)  # (B, H, 1, P + N)
         return class_attention_probs(logits, None, attn.scale, num_prefix_tokens, alive, size)
-    k = attn.k_norm(F.linear(y, w_k, b_k).view(B, n, h, d).transpose(1, 2))
+    k = attn.k_norm(rearrange(F.linear(y, w_k, b_k), "b n (h d) -> b h n d", h=h))
     return class_attention_probs(q, k, attn.scale, num_prefix_tokens, alive, size)
 
 
