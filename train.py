@@ -28,8 +28,8 @@ import dynvit
 from dynvit.benchmark import evaluate_modes, kept_token_stats, spread_indices
 from dynvit.cli import HelpFormatter, add_config_arguments, config_overrides, user_errors
 from dynvit.config import Config, ConfigError, load_config, save_config, to_dict
-from dynvit.data import (DataError, SeededImageDataset, build_datasets, build_transform, data_loader, resolve_data,
-                         scan_image_folder)
+from dynvit.data import (DataError, SeededImageDataset, balanced_subset, build_datasets, build_transform, data_loader,
+                         resolve_data, scan_image_folder)
 from dynvit.losses import PruningLoss, classification_criterion
 from dynvit.preflight import preflight
 from dynvit.progress import progress
@@ -91,6 +91,19 @@ def _validate(model, ema, loader, accelerator, cfg: Config, flop_images, input_s
     if accelerator.is_main_process and flop_images is not None:
         metrics.update(_gmacs(model, flop_images, modes, input_size))
     return metrics
+
+
+def _fit_signals(model, teacher, train_folder, data_config, cfg: Config) -> None:
+    """The signal weights chosen by search on training images (eval transform), before training."""
+    indices = balanced_subset(train_folder.targets, cfg.model.fit_signals_images, cfg.train.seed + 1)
+    images = SeededImageDataset(train_folder, build_transform(data_config, is_training=False), indices=indices)
+    loader = torch.utils.data.DataLoader(images, batch_size=cfg.data.val_batch_size, num_workers=cfg.data.num_workers)
+    start = time.time()
+    history = dynvit.fit_signals(model, [x.to(model.keep_threshold.device) for x, _ in loader], teacher=teacher)
+    chosen = {h["stage"]: h for h in history}
+    logger.info("signal weights fitted on %d training images in %.0f s: %s", len(images), time.time() - start,
+                "; ".join(f"stage {s}: " + ", ".join(f"{k} {v:g}" for k, v in h["weights"].items())
+                          for s, h in sorted(chosen.items())))
 
 
 def _calibrate(models, calib_set, cfg: Config, accelerator) -> str:
@@ -167,6 +180,8 @@ def train(cfg: Config) -> dict:
     teacher = create_teacher(model, teacher_dtype) if criterion.needs_teacher else None
     if teacher is not None and not (cfg.model.pretrained or cfg.model.pretrained_path):
         logger.warning("the teacher is the randomly initialised starting model: distillation terms teach nothing")
+    if pruning and cfg.model.fit_signals_images and checkpoint is None:  # a resumed run has its fitted weights
+        _fit_signals(model, teacher, train_folder, data_config, cfg)
     training_model = (dynvit.TrainingModel(model, drop_tokens=cfg.model.drop_tokens) if pruning
                       else DenseTrainingModel(model))
 

@@ -160,6 +160,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                               [*_DROP, *_H025, "--model.predictor_signals", "[attention,size]"]),
     "signals_no_size": ("signals without the size signal",
                         [*_DROP, *_H025, "--model.predictor_signals", "[attention,redundancy]"]),
+    "signals_fit": ("signals with their weights chosen by search before training (dynvit.fit_signals on 1000 "
+                    "training images, KL to the teacher in top-k mode) and kept fixed while the rest trains",
+                    [*_SIG, "--model.fit_signals_images", "1000", "--optim.signal_lr_scale", "0"]),
+    "signals_fit_lr1": ("signals_fit with the signal weights trained on from the fitted ones (straight-through, lr 1e-3)",
+                        [*_SIG, "--model.fit_signals_images", "1000"]),
     "signals_fixed_mlp": ("signals with the MLPs frozen at their initialisation except the last bias: the signals, "
                           "their learned weights and the bias decide", [*_SIG, *_frozen_mlp()]),
     "match_h025_loc12345": ("match with predictors a quarter as wide and a stage before every block from 1 at keep "
@@ -290,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         everything = torch.cat([x for x, _ in loader])
         flops_images = everything[bench.spread_indices(len(everything), args.flops_images)]
         config = json.loads((final / "config.json").read_text())["dynvit"]
+        config = config.get("pruning", config)  # format 2 nests the pruning settings
         if dense_gmacs is None:
             dense_gmacs = dynvit.count_flops(bench.dense_backbone(model), tuple(flops_images.shape[1:]))
         measured = measure(model, loader, calib, flops_images)

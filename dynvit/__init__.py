@@ -5,6 +5,7 @@ straight-through estimator), then really drop tokens at inference and count what
 """
 from .calibrate import calibrate
 from .export import export_model
+from .fit import fit_signals
 from .flops import count_flops
 from .hub import load_pretrained, push_to_hub, save_pretrained
 from .gumbel import gumbel_sigmoid, logistic_noise, straight_through_sigmoid
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "build_model",
     "calibrate",
+    "fit_signals",
     "patch",
     "is_patched",
     "gumbel_sigmoid",

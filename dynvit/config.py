@@ -43,6 +43,7 @@ class ModelConfig:
     predictor_prior: str = "none"  # none, or match: the keep logit also ranks tokens by how much they repeat another (ToMe's criterion)
     match_scale: float = 8.0  # initial weight of the match prior (keep logit per unit of cosine similarity; learned)
     predictor_signals: list[str] = field(default_factory=list)  # what else the keep logit reads, with learned weights: attention (the class token's, in the block the stage feeds), redundancy (similarity to the closest token ranked ahead), size (patches merged into a token)
+    fit_signals_images: int = 0  # before training, choose each stage's signal weights by search on this many training images (dynvit.fit_signals; 0 = keep the initial weights)
     drop_tokens: bool = False  # training removes dropped tokens after each stage's first block (cheaper step)
     method: str = "dynvit"  # token reduction to train: dynvit, a baseline (evit, tome, random), or dense: the same fine-tune without pruning
     tome_r: int = 0  # tokens ToMe merges in each block (method tome)
@@ -181,7 +182,7 @@ _CHOICES = {
 }
 _POSITIVE = ("data.batch_size", "data.val_batch_size", "optim.lr", "optim.grad_accum_steps", "train.epochs", "train.log_every",
              "train.eval_every_epochs", "tau.tau_start", "tau.tau_end", "train.keep_checkpoints")
-_NON_NEGATIVE = ("optim.signal_lr_scale", "model.tome_r", "data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
+_NON_NEGATIVE = ("optim.signal_lr_scale", "model.fit_signals_images", "model.tome_r", "data.num_workers", "data.train_subset", "data.val_subset", "optim.min_lr", "optim.weight_decay",
                  "optim.warmup_epochs", "optim.backbone_freeze_epochs", "train.save_every_steps", "train.stop_after_steps",
                  "train.flops_images", "train.calibrate_images", "loss.cls_weight", "loss.ratio_weight", "loss.distill_logits_weight",
                  "loss.distill_tokens_weight", "loss.margin_weight", "loss.margin")
@@ -334,6 +335,9 @@ def validate(cfg: Config) -> Config:
     bad_signals = [s for s in cfg.model.predictor_signals if s not in ("attention", "redundancy", "size")]
     if bad_signals:
         raise ConfigError(f"model.predictor_signals: {bad_signals} not in ('attention', 'redundancy', 'size')")
+    if cfg.model.fit_signals_images and not cfg.model.predictor_signals:
+        raise ConfigError("model.fit_signals_images > 0 fits the weights of the predictor signals, and "
+                          "model.predictor_signals is empty; name the signals or set model.fit_signals_images: 0")
     bad_modes = [m for m in cfg.train.eval_modes if m not in ("threshold", "topk", "none")]
     if bad_modes:
         raise ConfigError(f"train.eval_modes: {bad_modes} not in ('threshold', 'topk', 'none')")

@@ -133,3 +133,43 @@ def test_column_balance_and_spearman():
     assert [c["gap"] for c in column_balance(stripes)] == [1.0, 0.5]
     torch.testing.assert_close(torch.tensor(spearman(torch.arange(10.0), torch.arange(10.0) ** 3)), torch.tensor(1.0))
     torch.testing.assert_close(torch.tensor(spearman(torch.arange(10.0), -torch.arange(10.0))), torch.tensor(-1.0))
+
+
+def test_fit_signals_chooses_the_weights_closest_to_the_teacher():
+    """Coordinate descent over the grid: after the fit, each stage's weights are the grid point
+    with the lowest KL to the teacher given the other stage's (checked by brute force), and
+    nothing but the signal weights changed."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    dense = make_timm("deit_tiny")
+    model = dynvit.patch(copy.deepcopy(dense), prune_loc=(1, 3), keep_ratio=0.5, dropped_tokens="merge",
+                         predictor_signals=ALL).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    grid = {"attention": (0.0, 3.0), "redundancy": (0.0, 6.0)}
+    history = dynvit.fit_signals(model, images, teacher=dense, grid=grid, passes=1)
+    assert [h["stage"] for h in history] == [0, 1] and not model.training
+
+    def kl():
+        with torch.no_grad():
+            student = F.log_softmax(model.forward_pruned(images, "topk").logits, -1)
+            return float(F.kl_div(student, F.log_softmax(dense(images), -1), reduction="sum", log_target=True)) / 6
+
+    last = model.predictors[1]
+    chosen = last.signal_weight.clone()
+    scores = {}
+    for wa, wr in itertools.product(grid["attention"], grid["redundancy"]):
+        with torch.no_grad():
+            last.signal_weight.copy_(torch.tensor([wa, wr, chosen[2]]))
+        scores[(wa, wr)] = kl()
+    best = min(scores, key=lambda w: (scores[w], list(scores).index(w)))
+    assert tuple(chosen[:2].tolist()) == best
+    torch.testing.assert_close(torch.tensor(history[1]["kl"]), torch.tensor(scores[best]), rtol=1e-4, atol=1e-6)
+    assert len(set(scores.values())) > 1, "test needs weights that change what is kept"
+    for k, v in model.state_dict().items():
+        if not k.endswith("signal_weight"):
+            assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="read signals"):
+        dynvit.fit_signals(dynvit.patch(make_timm("deit_tiny"), prune_loc=(1,), keep_ratio=0.5), images)
