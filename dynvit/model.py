@@ -27,6 +27,7 @@ from .families.vit import vit_masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
 from .merge import merge_gathered, merge_masked, size_bias
 from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio
+from .tracing import compiling, tracing
 from .tokens import (batch_gather, compact_indices, gather_tokens, keep_at_least_one, num_kept, threshold_indices,
                      topk_indices)
 
@@ -60,13 +61,6 @@ class _PrunedRun:
     details: bool
     n0: int
     regroup: bool | str
-
-
-def _tracing() -> bool:
-    """Inside torch.jit/ONNX tracing or torch.export: no data-dependent Python control flow."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                or (compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", bool)())))
 
 
 # A threshold-mode batch is padded to its largest kept count. Regrouping sorts the images by
@@ -382,7 +376,7 @@ class DynViTMixin:
             return PruningOutput(self.forward_head(self.norm(x)))
         run = _PrunedRun(mode=mode, thresholds=self.keep_threshold if thresholds is None else thresholds,
                          stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0,
-                         regroup=self.threshold_regroup if mode == "threshold" and not _tracing() else False)
+                         regroup=self.threshold_regroup if mode == "threshold" and not tracing() else False)
         position = torch.arange(n0, device=x.device).expand(B, n0)  # original index of each patch token
         logits, keep_masks, keep_logits = self._pruned_blocks(0, x, rope, position, None, None, run)
         return PruningOutput(logits, keep_masks, keep_logits)
@@ -415,8 +409,8 @@ class DynViTMixin:
                     else:
                         index, index_valid = threshold_indices(logits - run.thresholds[s].to(logits.dtype), valid)
                         groups = None
-                        if B == 1:
-                            index_valid = None  # a single image is never padded
+                        if B == 1 and not compiling():
+                            index_valid = None  # a single image is never padded (compiled: see compact_indices)
                         elif run.regroup is True or (run.regroup == "auto"
                                                      and B * index.shape[1] * x.shape[-1] ** 2 >= REGROUP_MIN_WORK):
                             if bool(index_valid.all()):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .tracing import compiling
+
 __all__ = ["batch_gather", "gather_tokens", "topk_indices", "threshold_indices", "compact_indices", "num_kept"]
 
 
@@ -85,7 +87,8 @@ def compact_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep: ``(B, N)`` bool.
 
     Returns:
-        ``index`` ``(B, K)``, ``K`` the largest kept count: kept positions first, then
+        ``index`` ``(B, K)``, ``K`` the largest kept count (at least 2 inside ``torch.compile``,
+        see below): kept positions first, then
         positions of dropped tokens as padding; ``index_valid`` ``(B, K)`` bool, True for the
         kept ones.
     """
@@ -94,9 +97,18 @@ def compact_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     position = torch.arange(n, device=keep.device).expand_as(keep)
     # Sort key: kept tokens in original order first, then the rest.
     order = torch.argsort(torch.where(keep, position, position + n), dim=1)
-    # .item() rather than int(): under torch.export the count becomes a symbolic size (the
-    # ONNX/.pt2 graph computes it per image) instead of a guard on one traced value.
-    k = count.max().item()
+    top = count.max()
+    if compiling():
+        # torch.compile(fullgraph=True) captures the count as an unbacked size, so one graph serves
+        # every count; inductor's matmul lowering needs to know that size is not 1, so a compiled
+        # graph pads a lone kept token with one masked slot.
+        top = top.clamp(min=min(2, n))
+    # .item() rather than int(): under torch.export and torch.compile the count becomes a symbolic
+    # size (the graph computes it per batch) instead of a guard on one traced value.
+    k = top.item()
+    if compiling():
+        torch._check(k >= min(2, n))
+        torch._check(k <= n)
     index = order[:, :k]
     index_valid = torch.arange(k, device=keep.device).unsqueeze(0) < count.unsqueeze(1)
     return index, index_valid
