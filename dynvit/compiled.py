@@ -63,7 +63,7 @@ def compile(model: nn.Module, *, mode: str | None = None, dynamic: bool | None =
     if not isinstance(model, nn.Module):
         raise TypeError(f"dynvit.compile takes an nn.Module, got {type(model).__name__}")
     prune_mode = getattr(model, "prune_mode", "none")
-    if mode is None:
+    if mode is None and "options" not in kwargs:  # torch takes a mode or options, not both
         on_cuda = any(p.is_cuda for p in model.parameters())
         mode = "reduce-overhead" if on_cuda and prune_mode in STATIC_MODES else "default"
     if mode == "reduce-overhead" and prune_mode not in STATIC_MODES:

@@ -377,22 +377,26 @@ class DynViTMixin:
         run = _PrunedRun(mode=mode, thresholds=self.keep_threshold if thresholds is None else thresholds,
                          stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0,
                          regroup=self.threshold_regroup if mode == "threshold" and not tracing() else False)
-        position = torch.arange(n0, device=x.device).expand(B, n0)  # original index of each patch token
+        # Original index of each patch token: for the per-stage masks and logits, and the rotary angles.
+        position = torch.arange(n0, device=x.device).expand(B, n0) if details or rope is not None else None
         logits, keep_masks, keep_logits = self._pruned_blocks(0, x, rope, position, None, None, run)
         return PruningOutput(logits, keep_masks, keep_logits)
 
-    def _pruned_blocks(self, start: int, x: torch.Tensor, rope, position: torch.Tensor, valid: torch.Tensor | None,
-                       size: torch.Tensor | None, run: _PrunedRun, decided: tuple | None = None):
+    def _pruned_blocks(self, start: int, x: torch.Tensor, rope, position: torch.Tensor | None,
+                       valid: torch.Tensor | None, size: torch.Tensor | None, run: _PrunedRun, decided: tuple | None = None):
         """Blocks ``start``.. of :meth:`forward_pruned` on a batch or a group of it, then the
         head: ``(logits, keep_masks, keep_logits)`` of the stages met from here.
 
-        ``valid`` is ``(B, N)`` False for padding (None: none), ``size`` the patches each token
-        stands for (merging; None: one each). ``decided`` is ``(index, index_valid)`` of the
-        stage at ``start`` when the caller already made its decisions (a regrouped batch).
+        ``position`` is ``(B, N)`` the original index of each patch token (None when neither
+        details nor rotary angles need it), ``valid`` ``(B, N)`` False for padding (None: none),
+        ``size`` the patches each token stands for (merging; None: one each). ``decided`` is
+        ``(index, index_valid)`` of the stage at ``start`` when the caller already made its
+        decisions (a regrouped batch).
         """
         B, p, n0 = x.shape[0], self.num_prefix_tokens, run.n0
         merge = self.dropped_tokens == "merge"
         keep_masks, keep_logits = [], []
+        attn_mask = None if valid is None and size is None else self._attn_mask(valid, size)
         for i in range(start, len(self.blocks)):
             s = run.stage_of.get(i)
             if s is not None:
@@ -422,19 +426,20 @@ class DynViTMixin:
                                                                            index_valid, run)
                             return head, keep_masks + masks, keep_logits + more_logits
                 if merge:
-                    ones = x.new_ones(B, x.shape[1] - p) if size is None else size
-                    patches, size = merge_gathered(x[:, p:], ones, index, index_valid, valid)
+                    patches, size = merge_gathered(x[:, p:], size, index, index_valid, valid)
+                    x = torch.cat([x[:, :p], patches], dim=1)
                 else:
-                    patches = batch_gather(x[:, p:], index)
-                x = torch.cat([x[:, :p], patches], dim=1)
-                position, valid = batch_gather(position, index), index_valid
+                    x = gather_tokens(x, index, p)
+                valid = index_valid
+                attn_mask = None if valid is None and size is None else self._attn_mask(valid, size)  # for the stage
+                if position is not None:
+                    position = batch_gather(position, index)
                 if run.full_rope is not None:
                     rope = self._gather_rope(run.full_rope, position)  # kept tokens keep their angles
                 if run.details:
                     src = torch.ones_like(position, dtype=torch.bool) if valid is None else valid
                     keep_masks.append(torch.zeros(B, n0, dtype=torch.bool, device=x.device).scatter(1, position, src))
-            x = self._call_block(i, self.blocks[i], x, rope,
-                                 None if valid is None and size is None else self._attn_mask(valid, size))
+            x = self._call_block(i, self.blocks[i], x, rope, attn_mask)
         x = self.norm(x)
         if size is None:
             weight = valid
@@ -452,7 +457,8 @@ class DynViTMixin:
             k = int(g_valid.sum(1).max())
             g_valid = g_valid[:, :k]  # kept positions come first in every row
             parts.append(self._pruned_blocks(
-                i, x[g], None, position[g], None if valid is None else valid[g], None if size is None else size[g], run,
+                i, x[g], None, None if position is None else position[g], None if valid is None else valid[g],
+                None if size is None else size[g], run,
                 decided=(index[g, :k], None if bool(g_valid.all()) else g_valid)))
         order = torch.cat(groups).argsort()
         def join(tensors):
