@@ -28,12 +28,17 @@ import logging
 import torch
 from torch import nn
 
-__all__ = ["compile", "STATIC_MODES"]
+__all__ = ["compile", "STATIC_MODES", "CPU_OPTIONS"]
 
 _log = logging.getLogger(__name__)
 
 #: prune modes whose shapes do not depend on the images (CUDA graphs can replay them)
 STATIC_MODES = ("topk", "none")
+#: inductor options on a CPU: the generated code calls its kernels from a C++ wrapper rather than
+#: from Python. A pruned graph has more (small) kernels than the dense one (predictors, matching,
+#: gathers); measured on the demo's model at batch 1 and 64, the C++ wrapper made top-k and
+#: threshold mode 4-6% faster and the dense model no faster (docs/BENCHMARKS.md, section 2b).
+CPU_OPTIONS = {"cpp_wrapper": True}
 
 
 def compile(model: nn.Module, *, mode: str | None = None, dynamic: bool | None = False, fullgraph: bool = True,
@@ -48,8 +53,8 @@ def compile(model: nn.Module, *, mode: str | None = None, dynamic: bool | None =
         model: an eval-mode dynvit model (any ``nn.Module`` works: then it is ``torch.compile``
             with these defaults).
         mode: ``torch.compile``'s mode. ``None`` picks ``"reduce-overhead"`` (CUDA graphs) for a
-            CUDA model in a static-shape prune mode (``topk``, ``none``) and ``"default"``
-            otherwise.
+            CUDA model in a static-shape prune mode (``topk``, ``none``), ``"default"`` for one in
+            threshold mode, and inductor's :data:`CPU_OPTIONS` on a CPU.
         dynamic: ``False``: one static graph per batch size; ``True``: symbolic sizes; ``None``:
             torch's automatic choice (static first, dynamic after a second batch size).
         fullgraph: one graph for the whole forward (an error if it cannot be), and threshold
@@ -64,8 +69,10 @@ def compile(model: nn.Module, *, mode: str | None = None, dynamic: bool | None =
         raise TypeError(f"dynvit.compile takes an nn.Module, got {type(model).__name__}")
     prune_mode = getattr(model, "prune_mode", "none")
     if mode is None and "options" not in kwargs:  # torch takes a mode or options, not both
-        on_cuda = any(p.is_cuda for p in model.parameters())
-        mode = "reduce-overhead" if on_cuda and prune_mode in STATIC_MODES else "default"
+        if any(p.is_cuda for p in model.parameters()):
+            mode = "reduce-overhead" if prune_mode in STATIC_MODES else "default"
+        elif backend == "inductor":
+            kwargs["options"] = dict(CPU_OPTIONS)
     if mode == "reduce-overhead" and prune_mode not in STATIC_MODES:
         _log.warning("mode='reduce-overhead' (CUDA graphs) with prune_mode=%r: its kept counts are data-dependent "
                      "sizes, which CUDA graphs skip; use prune_mode='topk' for CUDA graphs", prune_mode)
@@ -75,6 +82,6 @@ def compile(model: nn.Module, *, mode: str | None = None, dynamic: bool | None =
     accepted = inspect.signature(torch.compile).parameters
     if "isolate_recompiles" in accepted:  # models of one class share code objects, hence recompile limits
         kwargs.setdefault("isolate_recompiles", True)
-    _log.info("compiling %s (prune_mode %s): mode %s, dynamic %s, fullgraph %s", type(model).__name__, prune_mode, mode,
-              dynamic, fullgraph)
+    _log.info("compiling %s (prune_mode %s): mode %s, options %s, dynamic %s, fullgraph %s", type(model).__name__,
+              prune_mode, mode, kwargs.get("options"), dynamic, fullgraph)
     return torch.compile(model, mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend, **kwargs)
