@@ -149,28 +149,23 @@ def build_methods(name: str, args, device, dtype, images: torch.Tensor, progress
     return models
 
 
-def _prepare(models: dict[str, nn.Module], runtimes, args, device) -> dict[tuple[str, str], nn.Module]:
-    modules = {}
-    for method, model in models.items():
-        if "eager" in runtimes:
-            modules[(method, "eager")] = model
-        if "compiled" in runtimes:
-            ours = method in ("topk", "threshold")  # baselines may break the graph: allowed for them
-            modules[(method, "compiled")] = dynvit_compile(model, fullgraph=ours, backend=args.backend,
-                                                           dynamic=None if device.type == "cuda" else False)
-    return modules
+def _wrap(models: dict[str, nn.Module], runtime: str, args, device) -> dict[str, nn.Module]:
+    if runtime == "eager":
+        return dict(models)
+    # ours compile in one graph; a baseline may break the graph (allowed); batch size: static first,
+    # then one dynamic graph (torch's automatic dynamic shapes), so 2 compiles per model, not 3
+    return {method: dynvit_compile(model, fullgraph=method in ("topk", "threshold"), backend=args.backend,
+                                   dynamic=None if device.type == "cuda" else False) for method, model in models.items()}
 
 
-def inference_rows(name: str, args, device, dtype, progress: Progress) -> None:
-    """Every method and runtime of one model at every batch size, one interleaved timing per batch size."""
-    size = 32 if args.quick else 224
-    images = torch.randn(max(max(args.batch), 64), 3, size, size, generator=torch.Generator().manual_seed(0))
-    images = images.to(device=device, dtype=dtype)
-    progress.say(f"{name}: building {', '.join(args.methods)}")
-    modules = _prepare(build_methods(name, args, device, dtype, images, progress), args.runtimes, args, device)
+def inference_rows(name: str, models: dict[str, nn.Module], images: torch.Tensor, runtime: str, args, device,
+                   progress: Progress) -> None:
+    """Every method of one model in one runtime at every batch size, one interleaved timing per
+    batch size; each speed-up paired with dense in that runtime."""
+    modules = _wrap(models, runtime, args, device)
     for bs in args.batch:
         ready, first_call = {}, {}
-        for (method, runtime), module in modules.items():
+        for method, module in modules.items():
             what = f"{name} {method} {runtime} batch {bs}"
             if progress.over_budget(what):
                 continue
@@ -181,32 +176,29 @@ def inference_rows(name: str, args, device, dtype, progress: Progress) -> None:
                 with torch.no_grad():
                     module(images[:bs])  # compiles at the first call of a shape
                 _sync(device)
-                first_call[(method, runtime)] = (time.perf_counter() - start, _peak_mb(device))
+                first_call[method] = (time.perf_counter() - start, _peak_mb(device))
                 if runtime == "compiled":
-                    progress.say(f"compiled {what} in {first_call[(method, runtime)][0]:.1f} s")
-                ready[f"{method} | {runtime}"] = module
+                    progress.say(f"compiled {what} in {first_call[method][0]:.1f} s")
+                ready[method] = module
             except Exception as exc:  # noqa: BLE001
                 progress.result["inference"].append({"model": name, "method": method, "runtime": runtime, "batch": bs,
                                                      "error": progress.error(what, exc)})
         if not ready:
             continue
-        progress.say(f"{name} batch {bs}: timing {len(ready)} rows")
+        progress.say(f"{name} {runtime} batch {bs}: timing {', '.join(ready)}")
         try:
             speed = measure_speed(ready, images[:bs] if bs > 1 else images, (bs,), repeats=args.repeats,
                                   min_seconds=args.min_seconds, warmup=2)
         except Exception as exc:  # noqa: BLE001
             speed = {}
-            progress.error(f"{name} batch {bs}: timing", exc)
-        for label in ready:
-            method, runtime = label.split(" | ")
+            progress.error(f"{name} {runtime} batch {bs}: timing", exc)
+        for method in ready:
             row = {"model": name, "method": method, "runtime": runtime, "batch": bs,
-                   "first_call_s": first_call[(method, runtime)][0], "peak_mb": first_call[(method, runtime)][1]}
-            if label in speed:
-                s = speed[label][bs]
-                row.update(images_per_s=s["images_per_s"], repeats=s["repeats"])
-                base = speed.get(f"dense | {runtime}")
-                if base is not None:
-                    row["speedup"] = paired_speedup(s["repeats"], base[bs]["repeats"])
+                   "first_call_s": first_call[method][0], "peak_mb": first_call[method][1]}
+            if method in speed:
+                row.update(images_per_s=speed[method][bs]["images_per_s"], repeats=speed[method][bs]["repeats"])
+                if "dense" in speed:
+                    row["speedup"] = paired_speedup(speed[method][bs]["repeats"], speed["dense"][bs]["repeats"])
             progress.result["inference"].append(row)
         progress.save()
 
@@ -297,13 +289,26 @@ def main(argv: list[str] | None = None, extra: list[str] | None = None) -> dict:
     progress.say(f"{run.command}: {args.models} on {device} in {args.dtype}, budget {args.budget_s:.0f} s")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    for name in args.models:  # a model's inference rows, then its training rows: a budget cut hits the last model
+    # Cheap and telling first: every model eager, then the training steps, then the compiled rows
+    # (compiling takes most of the time): a budget cut loses compiled rows of the last models only.
+    size = 32 if args.quick else 224
+    images = torch.randn(max(max(args.batch), 64), 3, size, size, generator=torch.Generator().manual_seed(0))
+    images = images.to(device=device, dtype=dtype)
+    built: dict[str, dict[str, nn.Module]] = {}
+    phases = [("eager", name) for name in args.models if "eager" in args.runtimes]
+    phases += [("training", name) for name in args.models if args.train]
+    phases += [("compiled", name) for name in args.models if "compiled" in args.runtimes]
+    for phase, name in phases:
         try:
-            inference_rows(name, args, device, dtype, progress)
+            if phase == "training":
+                training_rows(name, args, device, progress)
+                continue
+            if name not in built:
+                progress.say(f"{name}: building {', '.join(args.methods)}")
+                built[name] = build_methods(name, args, device, dtype, images, progress)
+            inference_rows(name, built[name], images, phase, args, device, progress)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory while building: the next model may fit
-            progress.error(f"{name} inference", exc)
-        if args.train:
-            training_rows(name, args, device, progress)
+            progress.error(f"{name} {phase}", exc)
         progress.save()
         if device.type == "cuda":
             torch.cuda.empty_cache()
