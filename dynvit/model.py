@@ -28,8 +28,8 @@ from .gumbel import SAMPLERS, sample_keep_mask
 from .merge import merge_gathered, merge_masked, size_bias
 from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio
 from .tracing import compiling, tracing
-from .tokens import (batch_gather, compact_indices, gather_tokens, keep_at_least_one, num_kept, threshold_indices,
-                     topk_indices)
+from .tokens import (batch_gather, compact_indices, gather_tokens, keep_at_least_one, largest_count, num_kept,
+                     threshold_indices, topk_indices)
 
 __all__ = ["PruningOutput", "DynViTMixin", "TrainingModel"]
 
@@ -69,6 +69,13 @@ class _PrunedRun:
 REGROUP_MIN_GROUP = 8
 REGROUP_MIN_SAVING = 0.05
 REGROUP_MIN_WORK = 3e8  # images x padded tokens x width**2 from which "auto" regroups
+# Inside torch.compile the number of groups cannot depend on the counts: a batch whose work (every
+# token counted) reaches REGROUP_MIN_WORK is split into groups of REGROUP_COMPILED_GROUP images
+# sorted by count, at most REGROUP_COMPILED_MAX_GROUPS of them. Each group adds a copy of the later
+# blocks to the graph: measured on DeiT-S at batch 64 (1 thread, paired with compiled dense), one
+# padded batch 1.39x, two groups 1.52x (compiled in 152 s), four 1.56x (186 s).
+REGROUP_COMPILED_GROUP = 16
+REGROUP_COMPILED_MAX_GROUPS = 2
 
 
 def regroup_by_count(counts: torch.Tensor) -> list[torch.Tensor] | None:
@@ -96,6 +103,18 @@ def regroup_by_count(counts: torch.Tensor) -> list[torch.Tensor] | None:
         return None
     size = -(-B // best_k)
     return list(order.split(size))
+
+
+def compiled_groups(counts: torch.Tensor, num_tokens: int, width: int, always: bool) -> list[torch.Tensor] | None:
+    """:func:`regroup_by_count` inside torch.compile, where the number of groups may depend on
+    static sizes only: the images sorted by count (``counts`` ``(B,)``) in groups of
+    ``REGROUP_COMPILED_GROUP``, at most ``REGROUP_COMPILED_MAX_GROUPS``, when the batch's work
+    with ``num_tokens`` tokens of ``width`` reaches ``REGROUP_MIN_WORK`` (or ``always``); else None."""
+    B = counts.shape[0]
+    groups = min(REGROUP_COMPILED_MAX_GROUPS, B // REGROUP_COMPILED_GROUP)
+    if groups < 2 or not (always or B * num_tokens * width**2 >= REGROUP_MIN_WORK):
+        return None
+    return list(counts.argsort(stable=True).split(-(-B // groups)))
 
 
 class DynViTMixin:
@@ -334,7 +353,8 @@ class DynViTMixin:
     #: padded work (images x tokens x width squared) is at least ``REGROUP_MIN_WORK``: measured,
     #: regrouping made DeiT-S at batch 64 1.12x faster (1.3e9) and the small CIFAR-10 ViT at batch
     #: 64 1.12x slower (5e7), where each group's per-operation overhead outweighs the padding it
-    #: saves (docs/BENCHMARKS.md, sections 2 and 5). Never used while tracing or exporting.
+    #: saves (docs/BENCHMARKS.md, sections 2 and 5). Never used while exporting; inside
+    #: torch.compile a fixed number of groups (:func:`compiled_groups`).
     threshold_regroup: bool | str = "auto"
 
     def _run_block(self, fn, *args):
@@ -374,9 +394,11 @@ class DynViTMixin:
             for i, blk in enumerate(self.blocks):
                 x = self._call_block(i, blk, x, rope, None)
             return PruningOutput(self.forward_head(self.norm(x)))
+        regroup = False
+        if mode == "threshold" and self.threshold_regroup:
+            regroup = "compiled" if compiling() else False if tracing() else self.threshold_regroup
         run = _PrunedRun(mode=mode, thresholds=self.keep_threshold if thresholds is None else thresholds,
-                         stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0,
-                         regroup=self.threshold_regroup if mode == "threshold" and not tracing() else False)
+                         stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0, regroup=regroup)
         # Original index of each patch token: for the per-stage masks and logits, and the rotary angles.
         position = torch.arange(n0, device=x.device).expand(B, n0) if details or rope is not None else None
         logits, keep_masks, keep_logits = self._pruned_blocks(0, x, rope, position, None, None, run)
@@ -415,6 +437,9 @@ class DynViTMixin:
                         groups = None
                         if B == 1 and not compiling():
                             index_valid = None  # a single image is never padded (compiled: see compact_indices)
+                        elif run.regroup == "compiled":
+                            groups = compiled_groups(index_valid.sum(1), n0, x.shape[-1],
+                                                     self.threshold_regroup is True)
                         elif run.regroup is True or (run.regroup == "auto"
                                                      and B * index.shape[1] * x.shape[-1] ** 2 >= REGROUP_MIN_WORK):
                             if bool(index_valid.all()):
@@ -454,12 +479,12 @@ class DynViTMixin:
         parts = []
         for g in groups:
             g_valid = index_valid[g]
-            k = int(g_valid.sum(1).max())
+            k = largest_count(g_valid.sum(1), g_valid.shape[1])
             g_valid = g_valid[:, :k]  # kept positions come first in every row
+            padded = compiling() or not bool(g_valid.all())  # no data-dependent branch in a graph
             parts.append(self._pruned_blocks(
                 i, x[g], None, None if position is None else position[g], None if valid is None else valid[g],
-                None if size is None else size[g], run,
-                decided=(index[g, :k], None if bool(g_valid.all()) else g_valid)))
+                None if size is None else size[g], run, decided=(index[g, :k], g_valid if padded else None)))
         order = torch.cat(groups).argsort()
         def join(tensors):
             return torch.cat(tensors)[order]

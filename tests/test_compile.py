@@ -69,6 +69,21 @@ def test_threshold_compiles_one_graph_per_batch_size_for_every_kept_count(recipe
     assert counter.frame_count == 2  # batch 1 and batch 8, whatever the counts
 
 
+def test_compiled_threshold_regroups_large_batches_in_one_graph(monkeypatch):
+    # Inside a graph a large batch is split into a fixed number of groups sorted by count, each
+    # padded to its own largest count; the logits stay those of the whole batch in eager mode.
+    monkeypatch.setattr(dynvit.model, "REGROUP_COMPILED_GROUP", 4)  # 2 groups of a batch of 8
+    model, x = tiny("merge+match", "threshold"), inputs(24)
+    model.threshold_regroup = True
+    assert dynvit.model.compiled_groups(torch.tensor([5, 1, 4, 4, 2, 8, 3, 3]), 64, 64, True)[0].tolist() == [1, 4, 6, 7]
+    counter = CompileCounter()
+    compiled = dynvit.compile(model, backend=counter)
+    with torch.no_grad():
+        for i in range(0, len(x), 8):
+            torch.testing.assert_close(compiled(x[i:i + 8]), model(x[i:i + 8]), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1
+
+
 def test_compiled_threshold_pads_a_lone_kept_token():
     # A compiled graph pads a stage that keeps one token to two slots (inductor cannot take a
     # data-dependent size of 1); the padding must be masked out exactly as in eager mode.
