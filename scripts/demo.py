@@ -160,7 +160,8 @@ def main(argv=None) -> int:
                 exported.append(f"{mode} export failed: {type(e).__name__}: {e}")
     mixed = spread(256)
     mixed = mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(0))]  # each batch: every class
-    run = Run("speed", argparse.Namespace(json=str(out / "speed.json")), [])
+    run = Run("speed", argparse.Namespace(json=str(out / "speed.json")), [],
+              command="python scripts/demo.py " + " ".join(sys.argv[1:] if argv is None else argv))
     speed = deployment_speed({labels[k]: m for k, m in models.items()}, mixed, SPEED_BATCHES, dense=labels["dense"],
                              runtimes=args.runtimes, repeats=3, min_seconds=1.0, onnx_files=onnx_files)
 

@@ -44,15 +44,16 @@ class Run:
         subcommand: the ``python -m dynvit.benchmark`` subcommand.
         args: its parsed options (those of :func:`add_timing_options` among them).
         argv: the arguments it was given (for the reproducing command).
+        command: the reproducing command, when it is not ``python -m dynvit.benchmark`` (a script).
     """
 
-    def __init__(self, subcommand: str, args: argparse.Namespace, argv: list[str]):
+    def __init__(self, subcommand: str, args: argparse.Namespace, argv: list[str], command: str | None = None):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("dynvit.benchmark").setLevel(logging.ERROR)  # "untrained predictors" is expected here
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         self.args = args
-        self.command = f"{PROG} {subcommand} " + " ".join(shlex.quote(a) for a in argv)
+        self.command = command or f"{PROG} {subcommand} " + " ".join(shlex.quote(a) for a in argv)
         self.load_start = _load()
         limit = getattr(args, "max_load", None)
         if limit is not None and self.load_start is not None and self.load_start > limit:
