@@ -51,10 +51,10 @@ __all__ = ["METHODS", "main"]
 
 METHODS = ("dense", "topk", "threshold", "evit", "tome")
 FULL = dict(models=["deit_small_patch16_224", "deit_base_patch16_224"], batch=[1, 64, 256], repeats=5, min_seconds=1.0,
-            train_batch=128, budget_s=420.0)
+            train_batch=128, budget_s=420.0, threads=None)
 # Tiny ViTs on 32x32 images (16 patch tokens), for a CPU: the same code end to end in seconds.
 QUICK_MODELS = {"quick_a": dict(embed_dim=64, depth=4, num_heads=2), "quick_b": dict(embed_dim=96, depth=4, num_heads=3)}
-QUICK = dict(models=list(QUICK_MODELS), batch=[1, 4], repeats=2, min_seconds=0.05, train_batch=2, budget_s=300.0)
+QUICK = dict(models=list(QUICK_MODELS), batch=[1, 4], repeats=2, min_seconds=0.05, train_batch=2, budget_s=900.0, threads=1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batch", type=int, help="images per training step (default 128)")
     p.add_argument("--repeats", type=int)
     p.add_argument("--min-seconds", type=float)
-    p.add_argument("--budget-s", type=float, help="start no new row after this many seconds (default 420)")
+    p.add_argument("--budget-s", type=float, help="start no new row after this many seconds (default 420; --quick 900)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default torch's; --quick 1)")
     p.add_argument("--out", default="out/gpu", help="folder of gpu.json and gpu.md")
     return p
 
