@@ -101,9 +101,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES),
                         help="where the speed is measured (compiling costs a few minutes on 2 cores)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()
     out = Path(args.out)
 
