@@ -4,6 +4,7 @@ Train predictors that decide which patch tokens to keep (binary Gumbel-sigmoid w
 straight-through estimator), then really drop tokens at inference and count what it saved.
 """
 from .calibrate import calibrate
+from .compiled import compile
 from .export import export_model
 from .fit import fit_signals
 from .flops import count_flops
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "build_model",
     "calibrate",
+    "compile",
     "fit_signals",
     "patch",
     "is_patched",

@@ -27,18 +27,25 @@ __all__ = ["merge_targets", "merge_masked", "merge_gathered", "size_bias"]
 
 
 @torch.no_grad()
-def merge_targets(x: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+def merge_targets(x: torch.Tensor, targets: torch.Tensor | None = None, allowed: torch.Tensor | None = None, *,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
     """For every token of ``x``, the index of its most similar token among ``targets``.
 
     Args:
         x: ``(B, N, C)`` tokens to place.
-        targets: ``(B, K, C)`` candidate destinations.
+        targets: ``(B, K, C)`` candidate destinations; None: ``x`` itself, or with ``index`` the
+            tokens ``index`` ``(B, K)`` of ``x``. Those two are normalised once, not twice.
         allowed: optional ``(B, K)`` bool; False candidates are never chosen.
 
     Returns:
         ``(B, N)`` long indices into ``K`` (ties go to the lowest index).
     """
-    sim = F.normalize(x.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).transpose(1, 2)
+    z = F.normalize(x.float(), dim=-1)
+    if targets is not None:
+        zt = F.normalize(targets.float(), dim=-1)
+    else:  # a row's normalisation does not depend on the others: gathering normalised rows is exact
+        zt = z if index is None else torch.gather(z, 1, index.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+    sim = z @ zt.transpose(1, 2)
     if allowed is not None:
         sim = sim.masked_fill(~allowed[:, None, :], float("-inf"))
     return sim.argmax(dim=-1)
@@ -61,7 +68,7 @@ def merge_masked(
         dropped here is dead from now on, as in the masked path without merging).
     """
     dropped = alive - keep  # 1 for tokens dropped at this stage
-    target = merge_targets(x, x, keep.detach() > 0.5)  # (B, N)
+    target = merge_targets(x, allowed=keep.detach() > 0.5)  # (B, N)
     n = x.shape[1]
     # into[b, i, j] = 1 where token j merges into token i (j dropped here, i its target), plus i itself.
     into = F.one_hot(target, n).to(x.dtype).transpose(1, 2) * dropped.to(x.dtype)[:, None, :]
@@ -74,7 +81,7 @@ def merge_masked(
 
 def merge_gathered(
     x: torch.Tensor,
-    size: torch.Tensor,
+    size: torch.Tensor | None,
     index: torch.Tensor,
     index_valid: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
@@ -83,7 +90,7 @@ def merge_gathered(
 
     Args:
         x: ``(B, N, C)`` current patch tokens.
-        size: ``(B, N)`` patches each token stands for.
+        size: ``(B, N)`` patches each token stands for; None: one each.
         index: ``(B, K)`` positions of the kept tokens in ``N`` (ascending for real ones).
         index_valid: optional ``(B, K)`` bool, False for padding slots of a padded batch.
         valid: optional ``(B, N)`` bool, False for padding positions of ``x``.
@@ -95,15 +102,20 @@ def merge_gathered(
     B, _, C = x.shape
     k = index.shape[1]
     kept = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, C))
-    slot = merge_targets(x, kept, index_valid)  # (B, N): the kept slot each token goes to
+    slot = merge_targets(x, allowed=index_valid, index=index)  # (B, N): the kept slot each token goes to
     own = torch.arange(k, device=x.device).expand(B, k)
     if index_valid is None:
         slot = slot.scatter(1, index, own)  # a kept token stays in its own slot
     else:
         slot = slot.scatter(1, index, torch.where(index_valid, own, torch.gather(slot, 1, index)))
-    weight = size.to(x.dtype) if valid is None else size.to(x.dtype) * valid.to(x.dtype)
+    if size is None:  # every token stands for one patch: weights 1 (exact), or 0 on padding
+        weight = torch.ones_like(x[..., 0]) if valid is None else valid.to(x.dtype)
+        weighted = x if valid is None else x * weight.unsqueeze(-1)
+    else:
+        weight = size.to(x.dtype) if valid is None else size.to(x.dtype) * valid.to(x.dtype)
+        weighted = x * weight.unsqueeze(-1)
     new_size = torch.zeros(B, k, device=x.device, dtype=x.dtype).scatter_add(1, slot, weight)
-    sums = torch.zeros_like(kept).scatter_add(1, slot.unsqueeze(-1).expand(-1, -1, C), x * weight.unsqueeze(-1))
+    sums = torch.zeros_like(kept).scatter_add(1, slot.unsqueeze(-1).expand(-1, -1, C), weighted)
     empty = new_size <= 0  # padding slots
     merged = torch.where(empty.unsqueeze(-1), kept, sums / new_size.clamp_min(1e-6).unsqueeze(-1))
     return merged, new_size.masked_fill(empty, 1.0)

@@ -27,8 +27,9 @@ from .families.vit import check_class_attention, vit_class_attention, vit_masked
 from .gumbel import SAMPLERS, sample_keep_mask
 from .merge import merge_gathered, merge_masked, size_bias
 from .ratios import DROPPED_TOKENS, check_prune_mode, normalize_keep_ratio
-from .tokens import (batch_gather, compact_indices, gather_tokens, keep_at_least_one, num_kept, threshold_indices,
-                     topk_indices)
+from .tracing import compiling, tracing
+from .tokens import (batch_gather, compact_indices, gather_tokens, keep_at_least_one, largest_count, num_kept,
+                     threshold_indices, topk_indices)
 
 __all__ = ["PruningOutput", "DynViTMixin", "TrainingModel"]
 
@@ -62,19 +63,19 @@ class _PrunedRun:
     regroup: bool | str
 
 
-def _tracing() -> bool:
-    """Inside torch.jit/ONNX tracing or torch.export: no data-dependent Python control flow."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                or (compiler is not None and (compiler.is_compiling() or getattr(compiler, "is_exporting", bool)())))
-
-
 # A threshold-mode batch is padded to its largest kept count. Regrouping sorts the images by
 # count and runs the rest of the network on groups, each padded to its own largest count; a
 # further group must save this fraction of the batch's padded work to be worth its overhead.
 REGROUP_MIN_GROUP = 8
 REGROUP_MIN_SAVING = 0.05
 REGROUP_MIN_WORK = 3e8  # images x padded tokens x width**2 from which "auto" regroups
+# Inside torch.compile the number of groups cannot depend on the counts: a batch whose work (every
+# token counted) reaches REGROUP_MIN_WORK is split into groups of REGROUP_COMPILED_GROUP images
+# sorted by count, at most REGROUP_COMPILED_MAX_GROUPS of them. Each group adds a copy of the later
+# blocks to the graph: measured on DeiT-S at batch 64 (1 thread, paired with compiled dense), one
+# padded batch 1.39x, two groups 1.52x (compiled in 152 s), four 1.56x (186 s).
+REGROUP_COMPILED_GROUP = 16
+REGROUP_COMPILED_MAX_GROUPS = 2
 
 
 def regroup_by_count(counts: torch.Tensor) -> list[torch.Tensor] | None:
@@ -102,6 +103,18 @@ def regroup_by_count(counts: torch.Tensor) -> list[torch.Tensor] | None:
         return None
     size = -(-B // best_k)
     return list(order.split(size))
+
+
+def compiled_groups(counts: torch.Tensor, num_tokens: int, width: int, always: bool) -> list[torch.Tensor] | None:
+    """:func:`regroup_by_count` inside torch.compile, where the number of groups may depend on
+    static sizes only: the images sorted by count (``counts`` ``(B,)``) in groups of
+    ``REGROUP_COMPILED_GROUP``, at most ``REGROUP_COMPILED_MAX_GROUPS``, when the batch's work
+    with ``num_tokens`` tokens of ``width`` reaches ``REGROUP_MIN_WORK`` (or ``always``); else None."""
+    B = counts.shape[0]
+    groups = min(REGROUP_COMPILED_MAX_GROUPS, B // REGROUP_COMPILED_GROUP)
+    if groups < 2 or not (always or B * num_tokens * width**2 >= REGROUP_MIN_WORK):
+        return None
+    return list(counts.argsort(stable=True).split(-(-B // groups)))
 
 
 class DynViTMixin:
@@ -371,7 +384,8 @@ class DynViTMixin:
     #: padded work (images x tokens x width squared) is at least ``REGROUP_MIN_WORK``: measured,
     #: regrouping made DeiT-S at batch 64 1.12x faster (1.3e9) and the small CIFAR-10 ViT at batch
     #: 64 1.12x slower (5e7), where each group's per-operation overhead outweighs the padding it
-    #: saves (docs/BENCHMARKS.md, sections 2 and 5). Never used while tracing or exporting.
+    #: saves (docs/BENCHMARKS.md, sections 2 and 5). Never used while exporting; inside
+    #: torch.compile a fixed number of groups (:func:`compiled_groups`).
     threshold_regroup: bool | str = "auto"
 
     def _run_block(self, fn, *args):
@@ -411,25 +425,31 @@ class DynViTMixin:
             for i, blk in enumerate(self.blocks):
                 x = self._call_block(i, blk, x, rope, None)
             return PruningOutput(self.forward_head(self.norm(x)))
+        regroup = False
+        if mode == "threshold" and self.threshold_regroup:
+            regroup = "compiled" if compiling() else False if tracing() else self.threshold_regroup
         run = _PrunedRun(mode=mode, thresholds=self.keep_threshold if thresholds is None else thresholds,
-                         stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0,
-                         regroup=self.threshold_regroup if mode == "threshold" and not _tracing() else False)
-        position = torch.arange(n0, device=x.device).expand(B, n0)  # original index of each patch token
+                         stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0, regroup=regroup)
+        # Original index of each patch token: for the per-stage masks and logits, and the rotary angles.
+        position = torch.arange(n0, device=x.device).expand(B, n0) if details or rope is not None else None
         logits, keep_masks, keep_logits = self._pruned_blocks(0, x, rope, position, None, None, run)
         return PruningOutput(logits, keep_masks, keep_logits)
 
-    def _pruned_blocks(self, start: int, x: torch.Tensor, rope, position: torch.Tensor, valid: torch.Tensor | None,
-                       size: torch.Tensor | None, run: _PrunedRun, decided: tuple | None = None):
+    def _pruned_blocks(self, start: int, x: torch.Tensor, rope, position: torch.Tensor | None,
+                       valid: torch.Tensor | None, size: torch.Tensor | None, run: _PrunedRun, decided: tuple | None = None):
         """Blocks ``start``.. of :meth:`forward_pruned` on a batch or a group of it, then the
         head: ``(logits, keep_masks, keep_logits)`` of the stages met from here.
 
-        ``valid`` is ``(B, N)`` False for padding (None: none), ``size`` the patches each token
-        stands for (merging; None: one each). ``decided`` is ``(index, index_valid)`` of the
-        stage at ``start`` when the caller already made its decisions (a regrouped batch).
+        ``position`` is ``(B, N)`` the original index of each patch token (None when neither
+        details nor rotary angles need it), ``valid`` ``(B, N)`` False for padding (None: none),
+        ``size`` the patches each token stands for (merging; None: one each). ``decided`` is
+        ``(index, index_valid)`` of the stage at ``start`` when the caller already made its
+        decisions (a regrouped batch).
         """
         B, p, n0 = x.shape[0], self.num_prefix_tokens, run.n0
         merge = self.dropped_tokens == "merge"
         keep_masks, keep_logits = [], []
+        attn_mask = None if valid is None and size is None else self._attn_mask(valid, size)
         for i in range(start, len(self.blocks)):
             s = run.stage_of.get(i)
             if s is not None:
@@ -446,8 +466,11 @@ class DynViTMixin:
                     else:
                         index, index_valid = threshold_indices(logits - run.thresholds[s].to(logits.dtype), valid)
                         groups = None
-                        if B == 1:
-                            index_valid = None  # a single image is never padded
+                        if B == 1 and not compiling():
+                            index_valid = None  # a single image is never padded (compiled: see compact_indices)
+                        elif run.regroup == "compiled":
+                            groups = compiled_groups(index_valid.sum(1), n0, x.shape[-1],
+                                                     self.threshold_regroup is True)
                         elif run.regroup is True or (run.regroup == "auto"
                                                      and B * index.shape[1] * x.shape[-1] ** 2 >= REGROUP_MIN_WORK):
                             if bool(index_valid.all()):
@@ -459,19 +482,20 @@ class DynViTMixin:
                                                                            index_valid, run)
                             return head, keep_masks + masks, keep_logits + more_logits
                 if merge:
-                    ones = x.new_ones(B, x.shape[1] - p) if size is None else size
-                    patches, size = merge_gathered(x[:, p:], ones, index, index_valid, valid)
+                    patches, size = merge_gathered(x[:, p:], size, index, index_valid, valid)
+                    x = torch.cat([x[:, :p], patches], dim=1)
                 else:
-                    patches = batch_gather(x[:, p:], index)
-                x = torch.cat([x[:, :p], patches], dim=1)
-                position, valid = batch_gather(position, index), index_valid
+                    x = gather_tokens(x, index, p)
+                valid = index_valid
+                attn_mask = None if valid is None and size is None else self._attn_mask(valid, size)  # for the stage
+                if position is not None:
+                    position = batch_gather(position, index)
                 if run.full_rope is not None:
                     rope = self._gather_rope(run.full_rope, position)  # kept tokens keep their angles
                 if run.details:
                     src = torch.ones_like(position, dtype=torch.bool) if valid is None else valid
                     keep_masks.append(torch.zeros(B, n0, dtype=torch.bool, device=x.device).scatter(1, position, src))
-            x = self._call_block(i, self.blocks[i], x, rope,
-                                 None if valid is None and size is None else self._attn_mask(valid, size))
+            x = self._call_block(i, self.blocks[i], x, rope, attn_mask)
         x = self.norm(x)
         if size is None:
             weight = valid
@@ -486,11 +510,12 @@ class DynViTMixin:
         parts = []
         for g in groups:
             g_valid = index_valid[g]
-            k = int(g_valid.sum(1).max())
+            k = largest_count(g_valid.sum(1), g_valid.shape[1])
             g_valid = g_valid[:, :k]  # kept positions come first in every row
+            padded = compiling() or not bool(g_valid.all())  # no data-dependent branch in a graph
             parts.append(self._pruned_blocks(
-                i, x[g], None, position[g], None if valid is None else valid[g], None if size is None else size[g], run,
-                decided=(index[g, :k], None if bool(g_valid.all()) else g_valid)))
+                i, x[g], None, None if position is None else position[g], None if valid is None else valid[g],
+                None if size is None else size[g], run, decided=(index[g, :k], g_valid if padded else None)))
         order = torch.cat(groups).argsort()
         def join(tensors):
             return torch.cat(tensors)[order]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["batch_gather", "gather_tokens", "topk_indices", "threshold_indices", "compact_indices", "num_kept"]
+from .tracing import compiling
+
+__all__ = ["batch_gather", "gather_tokens", "topk_indices", "threshold_indices", "compact_indices", "largest_count",
+           "num_kept"]
 
 
 def batch_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -85,21 +88,39 @@ def compact_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep: ``(B, N)`` bool.
 
     Returns:
-        ``index`` ``(B, K)``, ``K`` the largest kept count: kept positions first, then
-        positions of dropped tokens as padding; ``index_valid`` ``(B, K)`` bool, True for the
-        kept ones.
+        ``index`` ``(B, K)``, ``K`` the largest kept count (:func:`largest_count`): kept
+        positions first, then positions of dropped tokens as padding; ``index_valid`` ``(B, K)``
+        bool, True for the kept ones.
     """
     n = keep.shape[1]
     count = keep.sum(dim=1)
     position = torch.arange(n, device=keep.device).expand_as(keep)
     # Sort key: kept tokens in original order first, then the rest.
     order = torch.argsort(torch.where(keep, position, position + n), dim=1)
-    # .item() rather than int(): under torch.export the count becomes a symbolic size (the
-    # ONNX/.pt2 graph computes it per image) instead of a guard on one traced value.
-    k = count.max().item()
+    k = largest_count(count, n)
     index = order[:, :k]
     index_valid = torch.arange(k, device=keep.device).unsqueeze(0) < count.unsqueeze(1)
     return index, index_valid
+
+
+def largest_count(count: torch.Tensor, n: int) -> int:
+    """The largest of the kept counts ``count`` ``(B,)`` (each at most ``n``), as a size to slice
+    with.
+
+    ``.item()`` rather than ``int()``: under torch.export and torch.compile the count becomes a
+    symbolic size (the graph computes it per batch) instead of a guard on one traced value, so
+    one graph serves every count. Inside torch.compile (which captures it with ``fullgraph=True``)
+    it is at least 2: inductor's matmul lowering needs to know a data-dependent size is not 1, so
+    a compiled graph pads a lone kept token with one slot, which the caller masks out.
+    """
+    top = count.max()
+    if compiling():
+        top = top.clamp(min=min(2, n))
+    k = top.item()
+    if compiling():
+        torch._check(k >= min(2, n))
+        torch._check(k <= n)
+    return k
 
 
 def keep_at_least_one(decision: torch.Tensor, logits: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,12 +12,15 @@
    teacher, and the keep decisions end as the deterministic ones threshold mode makes at
    inference.
 3. Both models measured in this run on the same images and CPU: top-1, kept tokens per image
-   (mean and 5th-95th percentile), GMACs and images/s at batch 1 and 64, for top-k mode,
-   threshold mode as trained (keep probability > 0.5) and threshold mode as saved: calibrated
-   by ``train.py`` (``dynvit.calibrate`` on 1,000 training images held out of the fine-tune) to
-   the top-k budget.
+   (mean and 5th-95th percentile) and GMACs, for top-k mode, threshold mode as trained (keep
+   probability > 0.5) and threshold mode as saved: calibrated by ``train.py``
+   (``dynvit.calibrate`` on 1,000 training images held out of the fine-tune) to the top-k budget.
 4. The model saved by ``dynvit.save_pretrained`` (``<out>/dynvit/final``) and exported to
-   ONNX in top-k and threshold mode, each checked against PyTorch in onnxruntime.
+   ONNX in top-k and threshold mode, each checked against PyTorch in onnxruntime; then the
+   speed of every row at batch 1 and 64 where it would be deployed: eager PyTorch, compiled
+   (``dynvit.compile``; what compiling cost is printed) and the ONNX exports in ONNX Runtime,
+   timed in one interleaved run (``dynvit.benchmark.deployment_speed``, the timing behind
+   ``python -m dynvit.benchmark speed``), each speed-up against dense in the same runtime.
 """
 from __future__ import annotations
 
@@ -37,7 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dynvit  # noqa: E402
-from dynvit.benchmark import evaluate, evaluate_modes, kept_token_stats, measure_speed, spread_indices  # noqa: E402
+from dynvit.benchmark import evaluate, evaluate_modes, kept_token_stats, spread_indices  # noqa: E402
+from dynvit.benchmark.cli import Run  # noqa: E402
+from dynvit.benchmark.deploy import cost_lines, speed_table  # noqa: E402
+from dynvit.benchmark.runtimes import RUNTIMES, deployment_speed  # noqa: E402
 from dynvit.config import load_config  # noqa: E402
 from dynvit.data import SeededImageDataset, balanced_subset, build_transform, resolve_data, scan_image_folder  # noqa: E402
 from train import train  # noqa: E402
@@ -94,10 +100,13 @@ def main(argv=None) -> int:
                         help="training images held out of the fine-tune for calibrating threshold mode")
     parser.add_argument("--retrain-dense", action="store_true", help="train the dense model here even if one exists")
     parser.add_argument("--export", default="onnx", choices=["onnx", "pt2", "none"], help="export the pruned model")
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES),
+                        help="where the speed is measured (compiling costs a few minutes on 2 cores)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     start = time.perf_counter()
     out = Path(args.out)
 
@@ -114,7 +123,7 @@ def main(argv=None) -> int:
     print(f"      done in {time.perf_counter() - t0:.0f} s -> {out / 'dynvit' / 'final'}", flush=True)
 
     # 3. Both models, measured now on the same images and the same CPU.
-    print("[3/4] measuring ...", flush=True)
+    print("[3/4] measuring accuracy, kept tokens and GMACs ...", flush=True)
     dense, pruned = dynvit.load_pretrained(dense_dir), dynvit.load_pretrained(out / "dynvit" / "final")
     data_cfg = resolve_data(pruned, cfg.data)
     val_set = _eval_images(args.data, args.val_split, data_cfg, args.val_images, cfg.train.seed)  # train.py's subset
@@ -136,43 +145,47 @@ def main(argv=None) -> int:
     def spread(k: int) -> torch.Tensor:  # k images of every class, not the first classes' images
         return images[spread_indices(len(images), k)]
 
-    mixed = spread(256)
-    mixed = mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(0))]  # each batch: every class
-    speed = measure_speed(models, mixed, SPEED_BATCHES, repeats=3, min_seconds=1.0)
     gmacs = {k: dynvit.count_flops(m, input_size, images=spread(1000)) for k, m in models.items()}  # threshold: the mean
 
-    exported = []
+    # 4. Save, export, and time where the models would be deployed.
+    print("[4/4] exporting, then timing eager, compiled and in ONNX Runtime ...", flush=True)
+    exported, onnx_files = [], {}
     if args.export != "none":
         for mode in ("topk", "threshold"):
             try:
                 result = dynvit.export_model(pruned, out / f"dynvit_{mode}.{args.export}", format=args.export, mode=mode,
                                              inputs=images[:4])
                 exported.append(f"{mode} -> {result.path} (max |diff| {result.max_abs_diff:.1e})")
+                if args.export == "onnx":
+                    onnx_files[labels[mode]] = result.path
             except Exception as e:  # an export problem must not hide the measurements
                 exported.append(f"{mode} export failed: {type(e).__name__}: {e}")
+    mixed = spread(256)
+    mixed = mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(0))]  # each batch: every class
+    run = Run("speed", argparse.Namespace(json=str(out / "speed.json")), [],
+              command="python scripts/demo.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    speed = deployment_speed({labels[k]: m for k, m in models.items()}, mixed, SPEED_BATCHES, dense=labels["dense"],
+                             runtimes=args.runtimes, repeats=3, min_seconds=1.0, onnx_files=onnx_files)
 
-    # 4. The table.
+    # The tables.
     n0 = dense.patch_embed.num_patches
-    other = max((s[bs]["other_cpu_share"] or 0.0) for s in speed.values() for bs in SPEED_BATCHES)
-    table = [f"{Path(args.data).name}/{args.val_split}: {len(val_set)} images; {torch.get_num_threads()} CPU threads; "
-             f"images/s median of 3 repeats (other processes took up to {100 * other:.0f}% of the CPUs meanwhile)",
+    table = [f"{Path(args.data).name}/{args.val_split}: {len(val_set)} images; "
              f"target kept fraction per stage: {' / '.join(f'{t:.3f}' for t in pruned.keep_ratio)} of {n0} patch tokens",
-             f"{'model':<36} {'top-1 %':>8} {'kept tokens/stage, mean [p5-p95]':>34} {'GMACs':>8} "
-             + " ".join(f"{f'img/s b{bs}':>10}" for bs in SPEED_BATCHES)]
+             f"{'model':<36} {'top-1 %':>8} {'kept tokens/stage, mean [p5-p95]':>34} {'GMACs':>8} {'x dense':>8}"]
     for key, label in labels.items():
         tokens = _kept(accuracy[key]) or f"{n0}"
         table.append(f"{label:<36} {accuracy[key].top1:>8.2f} {tokens:>34} {gmacs[key]:>8.4f} "
-                     + " ".join(f"{speed[key][bs]['images_per_s']:>10.0f}" for bs in SPEED_BATCHES))
-    for key, label in list(labels.items())[1:]:
-        ups = ", ".join(f"{speed[key][bs]['images_per_s'] / speed['dense'][bs]['images_per_s']:.2f}x at batch {bs}"
-                        for bs in SPEED_BATCHES)
-        kept = " / ".join(f"{k['mean'] / n0:.3f}" for k in kept_token_stats(accuracy[key].kept_tokens))
-        table.append(f"{label}: kept {kept}; {gmacs[key] / gmacs['dense']:.2f}x the dense GMACs; speed {ups}")
-    table += [f"saved {out / 'dynvit' / 'final'} (dynvit.load_pretrained)", *[f"exported {e}" for e in exported],
+                     f"{gmacs[key] / gmacs['dense']:>8.2f}")
+    table += ["", f"Speed on {len(mixed)} of these images, images/s the median of 3 interleaved rounds, speed-ups against "
+                  f"dense in the same runtime:", run.load_line(speed["other_cpu_share"]), "",
+              speed_table(speed, {labels[k]: g for k, g in gmacs.items()}, dense=labels["dense"]), "",
+              *cost_lines(speed), "",
+              f"saved {out / 'dynvit' / 'final'} (dynvit.load_pretrained)", *[f"exported {e}" for e in exported],
               f"wall time {time.perf_counter() - start:.0f} s"]
     text = "\n".join(table)
     print("\n" + text)
     (out / "table.txt").write_text(text + "\n")
+    run.write({"gmacs": {labels[k]: g for k, g in gmacs.items()}, **speed})
     return 0
 
 

@@ -10,16 +10,24 @@
 - :mod:`.compare`: :func:`make_method` builds ``dense``, ``dynvit``, ``evit``, ``tome`` or
   ``random`` on a copy of one dense model, :func:`compare` measures them all alike,
   :func:`match_tome_r` picks ToMe's ``r`` whose GMACs is closest to a target.
+- :mod:`.runtimes`: :func:`deployment_speed` times models eager, compiled and in ONNX Runtime
+  in one interleaved run, each speed-up paired with dense in the same runtime.
 - :mod:`.report`: :func:`markdown_table`, :func:`results_table` and :func:`write_json`.
+
+The command line, ``python -m dynvit.benchmark <command>`` (:mod:`.__main__`), runs every timing
+of the project: ``speed`` (:mod:`.deploy`), ``methods``, ``threshold-batch``, ``train-step``,
+``data`` (:mod:`.data_speed`) and ``gpu`` (:mod:`.gpu`, also ``python -m dynvit.benchmark.gpu``),
+with the set-up they share in :mod:`.cli`.
 """
 from .accuracy import Accuracy, evaluate, evaluate_modes, kept_token_stats, spread_indices
 from .compare import METHODS, compare, default_prune_loc, dense_backbone, make_method, match_tome_r
 from .report import markdown_table, results_table, write_json
+from .runtimes import deployment_speed
 from .speed import OtherCpuUse, machine_info, measure_speed, paired_speedup
 
 __all__ = [
     "METHODS", "dense_backbone", "default_prune_loc", "make_method", "evaluate",
     "evaluate_modes", "Accuracy", "kept_token_stats", "spread_indices", "match_tome_r", "measure_speed", "paired_speedup",
     "OtherCpuUse", "machine_info",
-    "compare", "markdown_table", "results_table", "write_json",
+    "compare", "markdown_table", "results_table", "write_json", "deployment_speed",
 ]

@@ -5,7 +5,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
-__all__ = ["markdown_table", "results_table", "write_json"]
+__all__ = ["markdown_table", "results_table", "write_json", "write_text"]
 
 
 def markdown_table(header: Sequence[str], body: Iterable[Sequence[object]]) -> str:
@@ -48,10 +48,18 @@ def results_table(rows: Sequence[dict], prune_loc: Sequence[int] | None = None) 
     return markdown_table(header, body)
 
 
-def write_json(path: str | os.PathLike, obj) -> str:
-    """Write ``obj`` as indented JSON, creating the folder; return the path."""
+def write_text(path: str | os.PathLike, text: str) -> str:
+    """Write ``text`` atomically (a temporary file renamed over the target), creating the folder;
+    return the path. A run killed mid-write leaves the previous file whole."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
     return path
+
+
+def write_json(path: str | os.PathLike, obj) -> str:
+    """Write ``obj`` as indented JSON, atomically (see :func:`write_text`); return the path."""
+    return write_text(path, json.dumps(obj, indent=2, default=str))

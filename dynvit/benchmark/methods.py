@@ -1,9 +1,10 @@
-"""Table 2 of docs/BENCHMARKS.md: images/s of DeiT-S at 224 on this machine, dense vs pruned.
+"""``python -m dynvit.benchmark methods``: token-reduction methods side by side on DeiT-S at 224
+(docs/BENCHMARKS.md, section 2).
 
-    python benchmarks/speed_cpu.py [--model deit_small_patch16_224] [--keep-ratio 0.7] [--batch 64] [--repeats 15]
+    python -m dynvit.benchmark methods [--model deit_small_patch16_224] [--keep-ratio 0.7] [--batch 64] [--repeats 15]
 
 All models are built from one randomly initialised dense model (speed does not depend on the
-weights) and timed in this one process, repeats interleaved across models, warm-up discarded,
+weights) and timed in one process, repeats interleaved across models, warm-up discarded,
 median reported: dense, dynvit in top-k and in threshold mode (with DynamicViT's predictors, as
 wide as the tokens, and with predictors ``--narrow`` as wide, the CIFAR-10 preset's quarter by
 default), top-k with the whole of the CIFAR-10 preset's recipe (narrow predictors, the match
@@ -19,30 +20,25 @@ blocks and adds work of its own, so the ceiling's share of its GMACs limit is ab
 method can reach of its own. ``1 token`` runs the dense model's blocks on one patch token: its
 time is the part of a forward pass that does not shrink with the tokens (the weights read from
 memory, the per-operation overhead), printed below the table as a share of the dense time.
-
-Timings on a busy machine are worthless: the script refuses to run when the 1-minute load
-average exceeds ``--max-load`` (override with ``--force``), and measures the CPU time other
-processes took while timing (printed with the table, and in the JSON).
 """
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import shlex
-import sys
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import dynvit  # noqa: E402
-from dynvit import benchmark as bench  # noqa: E402
-from dynvit import count_flops  # noqa: E402
-from dynvit.baselines.common import embed  # noqa: E402
-from dynvit.tokens import num_kept  # noqa: E402
+from ..baselines.common import embed
+from ..calibrate import calibrate
+from ..flops import count_flops
+from ..tokens import num_kept
+from .cli import Run, add_timing_options
+from .compare import default_prune_loc, make_method, match_tome_r
+from .report import markdown_table
+from .speed import measure_speed, paired_speedup
+
+__all__ = ["KeptTokens", "FreeScore", "main"]
 
 HEADER = ["method", "setting", "GMACs", "speed-up limit (dense / GMACs)"]
 
@@ -84,23 +80,23 @@ def build(args) -> tuple[dict, dict, torch.Tensor]:
     dense = timm.create_model(args.model, pretrained=False).eval()
     size = (3, *dense.patch_embed.img_size)
     images = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(args.seed))
-    loc = bench.default_prune_loc(len(dense.blocks))
+    loc = default_prune_loc(len(dense.blocks))
     kw = dict(prune_loc=loc, keep_ratio=args.keep_ratio)
-    topk = bench.make_method(dense, "dynvit", prune_mode="topk", **kw)
-    threshold = bench.make_method(dense, "dynvit", prune_mode="threshold", **kw)
-    narrow = bench.make_method(dense, "dynvit", prune_mode="topk", predictor_hidden_ratio=args.narrow, **kw)
-    narrow_threshold = bench.make_method(dense, "dynvit", prune_mode="threshold", predictor_hidden_ratio=args.narrow, **kw)
+    topk = make_method(dense, "dynvit", prune_mode="topk", **kw)
+    threshold = make_method(dense, "dynvit", prune_mode="threshold", **kw)
+    narrow = make_method(dense, "dynvit", prune_mode="topk", predictor_hidden_ratio=args.narrow, **kw)
+    narrow_threshold = make_method(dense, "dynvit", prune_mode="threshold", predictor_hidden_ratio=args.narrow, **kw)
     for m in (threshold, narrow_threshold):
-        dynvit.calibrate(m, images)  # thresholds that keep the target fraction of these images
-    preset = bench.make_method(dense, "dynvit", prune_mode="topk", predictor_hidden_ratio=args.narrow,
-                               predictor_prior="match", dropped_tokens="merge", **kw)
-    free = bench.make_method(dense, "dynvit", prune_mode="topk", **kw)
+        calibrate(m, images)  # thresholds that keep the target fraction of these images
+    preset = make_method(dense, "dynvit", prune_mode="topk", predictor_hidden_ratio=args.narrow,
+                         predictor_prior="match", dropped_tokens="merge", **kw)
+    free = make_method(dense, "dynvit", prune_mode="topk", **kw)
     free.predictors = nn.ModuleList(FreeScore() for _ in free.predictors)
     models = {"dense": dense, "dynvit topk": topk, "dynvit threshold": threshold,
               f"dynvit topk, predictors x{args.narrow:g}": narrow,
               f"dynvit threshold, predictors x{args.narrow:g}": narrow_threshold,
               f"dynvit topk, predictors x{args.narrow:g} + match prior + merge": preset, "dynvit topk, free score": free,
-              "evit": bench.make_method(dense, "evit", **kw), "random": bench.make_method(dense, "random", **kw)}
+              "evit": make_method(dense, "evit", **kw), "random": make_method(dense, "random", **kw)}
 
     def gmacs_of(m: nn.Module) -> float:  # threshold mode: the mean over real images
         if getattr(m, "prune_mode", None) == "threshold":
@@ -108,8 +104,8 @@ def build(args) -> tuple[dict, dict, torch.Tensor]:
         return count_flops(m, size)
 
     info = {name: {"gmacs": gmacs_of(m)} for name, m in models.items()}
-    r, gmacs = bench.match_tome_r(dense, info["dynvit topk"]["gmacs"], size)
-    models["tome"], info["tome"] = bench.make_method(dense, "tome", tome_r=r), {"gmacs": gmacs, "tome_r": r}
+    r, gmacs = match_tome_r(dense, info["dynvit topk"]["gmacs"], size)
+    models["tome"], info["tome"] = make_method(dense, "tome", tome_r=r), {"gmacs": gmacs, "tome_r": r}
     n0 = dense.patch_embed.num_patches
     models["ceiling"] = KeptTokens(dense, {i: num_kept(f, n0) for i, f in zip(loc, topk.keep_ratio)})
     models["1 token"] = KeptTokens(dense, {0: 1})
@@ -123,34 +119,20 @@ def build(args) -> tuple[dict, dict, torch.Tensor]:
     return models, info, images
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str], extra: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m dynvit.benchmark methods", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--keep-ratio", type=float, default=0.7)
     p.add_argument("--batch", type=int, default=64, help="the large batch (batch 1 is always timed)")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--min-seconds", type=float, default=0.5, help="minimum length of one timed repeat")
     p.add_argument("--narrow", type=float, default=0.25,
                    help="predictor width (x the embedding width) of the narrow-predictor rows; the others are 1.0 wide")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's, usually the core count)")
     p.add_argument("--flops-images", type=int, default=16, help="images averaged for threshold-mode GMACs")
-    p.add_argument("--max-load", type=float, default=0.5)
-    p.add_argument("--force", action="store_true", help="time even on a loaded machine")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="out/speed_cpu.json")
+    add_timing_options(p, json="out/methods.json", repeats=15, min_seconds=0.5)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("dynvit.benchmark").setLevel(logging.ERROR)  # "untrained predictors" is expected here
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
-    if load > args.max_load and not args.force:
-        raise SystemExit(f"load average {load:.2f} > {args.max_load}: other work would distort the timings; "
-                         "wait for a quiet machine or pass --force (and do not publish the result)")
+    run = Run("methods", args, argv)
     models, info, images = build(args)
-    before = bench.machine_info()
-    speed = bench.measure_speed(models, images, (1, args.batch), repeats=args.repeats, min_seconds=args.min_seconds)
-    after = bench.machine_info()
+    speed = measure_speed(models, images, (1, args.batch), repeats=args.repeats, min_seconds=args.min_seconds)
     dense_gmacs = info["dense"]["gmacs"]
     header = HEADER + [h for bs in (1, args.batch) for h in (f"img/s b{bs}", f"speed-up b{bs}", f"speed-up / limit b{bs}")]
     lines = []
@@ -159,25 +141,17 @@ def main(argv: list[str] | None = None) -> None:
         line = [name, info[name]["setting"], f"{info[name]['gmacs']:.2f}", f"{limit:.2f}x"]
         for bs in (1, args.batch):
             ips = speed[name][bs]["images_per_s"]
-            up = bench.paired_speedup(speed[name][bs]["repeats"], speed["dense"][bs]["repeats"])
+            up = paired_speedup(speed[name][bs]["repeats"], speed["dense"][bs]["repeats"])
             info[name][f"b{bs}"] = {**speed[name][bs], "speedup": up, "speedup_over_limit": up / limit}
             line += [f"{ips:.1f}", f"{up:.2f}x", "-" if name == "1 token" else f"{up / limit:.2f}"]
         lines.append(line)
     fixed = {bs: speed["dense"][bs]["images_per_s"] / speed["1 token"][bs]["images_per_s"] for bs in (1, args.batch)}
     info["token_independent_share"] = fixed
-    command = "python benchmarks/speed_cpu.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    where = f"{before['processor']}, {before['threads']} threads, torch {before['torch']}, timm {before['timm']}"
-    other = ", ".join(f"{100 * (speed['dense'][bs]['other_cpu_share'] or 0):.0f}% at batch {bs}" for bs in (1, args.batch))
-    print(f"<!-- {command} -->\n{args.model}, {where}; {args.repeats} rounds of repeats of at least {args.min_seconds:g} s, "
-          f"img/s their median, speed-ups the median of the ratios within a round; 1-minute load average {load:.2f} "
-          f"at the start; CPU taken by other processes while timing: {other}\n")
-    print(bench.markdown_table(header, lines))
+    other = max(speed["dense"][bs]["other_cpu_share"] or 0 for bs in (1, args.batch))
+    print(f"<!-- {run.command} -->\n{args.model}; {args.repeats} rounds of repeats of at least {args.min_seconds:g} s, "
+          f"img/s their median, speed-ups the median of the ratios within a round.\n{run.load_line(other)}\n")
+    print(markdown_table(header, lines))
     print(f"\nThe part of a dense forward that does not shrink with the tokens (`1 token` / dense time): "
           f"{100 * fixed[1]:.0f}% at batch 1, {100 * fixed[args.batch]:.0f}% at batch {args.batch}.")
-    bench.write_json(args.json, {"command": command, "machine": before, "load_average_start": load,
-                                 "load_average_after": after.get("load_average"),
-                                 "model": args.model, "rows": info})
-
-
-if __name__ == "__main__":
-    main()
+    run.write({"model": args.model, "rows": info})
+    return info

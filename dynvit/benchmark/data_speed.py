@@ -1,6 +1,7 @@
-"""Training images/s with and without ``data.cache: memory``, measured on this machine.
+"""``python -m dynvit.benchmark data``: training images/s with and without ``data.cache: memory``
+(docs/BENCHMARKS.md, section 4).
 
-    python benchmarks/data_speed.py [--steps 30] [--warmup 5] [--repeats 1] [--json out/data_speed.json]
+    python -m dynvit.benchmark data [--steps 30] [--warmup 5] [--repeats 1] [--json out/data_speed.json]
 
 Runs ``train.py`` in a subprocess for the dense recipe (configs/cifar10_dense.yaml) and for its
 pruning fine-tune (configs/cifar10_dynvit.yaml from ``--dense``, by default the shared dense
@@ -14,7 +15,8 @@ runs share a decoded-split cache (``--cache-dir``): the first decodes, the other
 Over the timed steps, each run also records the CPU time ``train.py`` and its data-loader
 workers spent per image (less sensitive to other load than images/s) and the share of the
 CPUs other processes took (:class:`dynvit.benchmark.OtherCpuUse`); the table reports the
-largest share seen. ``-- --data.num_workers 4`` passes overrides on to every run.
+largest share seen. ``-- --data.num_workers 4`` passes overrides on to every run. Needs the
+repository (``train.py`` and ``configs/``), not only the installed package.
 """
 from __future__ import annotations
 
@@ -31,9 +33,10 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from dynvit import benchmark as bench  # noqa: E402
+from .cli import Run
+from .deploy import REPO
+from .report import markdown_table
+from .speed import OtherCpuUse
 
 RECIPES = {
     "dense": ("configs/cifar10_dense.yaml", []),
@@ -81,7 +84,7 @@ def run_once(config: str, extra: list[str], cache: str, args, out: Path) -> dict
     out.mkdir(parents=True)
     with open(out / "stderr.txt", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
-        window, state = bench.OtherCpuUse(own=lambda: tree_cpu(proc.pid)), "waiting"
+        window, state = OtherCpuUse(own=lambda: tree_cpu(proc.pid)), "waiting"
         while proc.poll() is None:  # the timed steps, marked by their lines in metrics.jsonl
             step = _last_step(out / "metrics.jsonl")
             if state == "waiting" and step >= args.warmup:
@@ -102,8 +105,8 @@ def run_once(config: str, extra: list[str], cache: str, args, out: Path) -> dict
             "steal_share": window.steal, "load_average_before": round(load, 2)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str], extra: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m dynvit.benchmark data", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="optimizer steps before the timing starts")
     p.add_argument("--repeats", type=int, default=1, help="runs per recipe and cache (median reported)")
@@ -111,40 +114,37 @@ def main(argv: list[str] | None = None) -> None:
                    help="dense checkpoint the fine-tune starts from")
     p.add_argument("--cache-dir", help="decoded-split cache of the memory runs (default: a temporary folder)")
     p.add_argument("--json", default="out/data_speed.json")
-    args, rest = p.parse_known_args(argv)
-    args.train_args = [a for a in rest if a != "--"]  # extra train.py overrides, e.g. -- --data.num_workers 4
+    args = p.parse_args(argv)
+    args.train_args = list(extra or [])  # train.py overrides, e.g. -- --data.num_workers 4
+    if not (REPO / "train.py").is_file():
+        raise SystemExit(f"the data benchmark runs train.py of the repository, not found at {REPO / 'train.py'}")
+    run = Run("data", args, argv + (["--", *extra] if extra else []))
     with tempfile.TemporaryDirectory(prefix="data_speed_") as tmp:
         args.cache_dir = args.cache_dir or os.path.join(tmp, "decoded")
         runs: dict[str, dict[str, list[dict]]] = {name: {c: [] for c in CACHES} for name in RECIPES}
         for r in range(args.repeats):
-            for name, (config, extra) in RECIPES.items():
+            for name, (config, extra_args) in RECIPES.items():
                 for cache in CACHES:
-                    extra_args = [a.format(dense=args.dense) for a in extra]
                     out = Path(tmp) / f"{name.split()[0]}_{cache}_{r}"
-                    result = run_once(config, extra_args, cache, args, out)
+                    result = run_once(config, [a.format(dense=args.dense) for a in extra_args], cache, args, out)
                     runs[name][cache].append(result)
                     print(f"{name}, cache {cache}: {result['images_per_s']:.0f} images/s, "
                           f"{result['cpu_ms_per_image']:.1f} CPU-ms per image, other processes "
                           f"{100 * (result['other_cpu_share'] or 0):.0f}% of the CPUs", file=sys.stderr, flush=True)
-    command = "python benchmarks/data_speed.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    machine = bench.machine_info()
     header = ["recipe", "images/s, cache none", "images/s, cache memory", "memory / none",
               "CPU-ms per image, none / memory", "CPU taken by others, none / memory runs"]
-    lines = []
+    lines, worst = [], 0.0
     for name, by_cache in runs.items():
         med = {c: {k: statistics.median(r[k] for r in by_cache[c]) for k in ("images_per_s", "cpu_ms_per_image")}
                for c in CACHES}
         other = {c: max(r["other_cpu_share"] or 0.0 for r in by_cache[c]) for c in CACHES}
+        worst = max(worst, *other.values())
         ips = {c: med[c]["images_per_s"] for c in CACHES}
         lines.append([name, f"{ips['none']:.0f}", f"{ips['memory']:.0f}", f"{ips['memory'] / ips['none']:.2f}x",
                       f"{med['none']['cpu_ms_per_image']:.1f} / {med['memory']['cpu_ms_per_image']:.1f}",
                       f"{100 * other['none']:.0f}% / {100 * other['memory']:.0f}%"])
-    print(f"<!-- {command} -->\n{machine['processor']}, {os.cpu_count()} CPUs, torch {machine['torch']}; "
-          f"{args.steps} timed steps after {args.warmup}, median of {args.repeats} run(s)\n")
-    print(bench.markdown_table(header, lines))
-    bench.write_json(args.json, {"command": command, "machine": machine, "steps": args.steps, "warmup": args.warmup,
-                                 "runs": runs})
-
-
-if __name__ == "__main__":
-    main()
+    print(f"<!-- {run.command} -->\n{os.cpu_count()} CPUs; {args.steps} timed steps after {args.warmup}, median of "
+          f"{args.repeats} run(s)\n{run.load_line(worst)}\n")
+    print(markdown_table(header, lines))
+    run.write({"steps": args.steps, "warmup": args.warmup, "runs": runs})
+    return runs
