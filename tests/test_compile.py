@@ -17,7 +17,8 @@ from torch._dynamo.testing import CompileCounter
 import dynvit
 from conftest import make_decisive_, randomize_
 
-RECIPES = {"discard": {}, "merge+match": {"dropped_tokens": "merge", "predictor_prior": "match"}}
+RECIPES = {"discard": {}, "merge+match": {"dropped_tokens": "merge", "predictor_prior": "match"},
+           "merge+signals": {"dropped_tokens": "merge", "predictor_signals": ("attention", "redundancy", "size")}}
 
 
 def tiny(recipe: str, mode: str, seed: int = 0) -> torch.nn.Module:
@@ -49,8 +50,9 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_topk_has_no_graph_break():
-    explained = torch._dynamo.explain(tiny("merge+match", "topk"))(inputs(2))
+@pytest.mark.parametrize("recipe", ["merge+match", "merge+signals"])
+def test_topk_has_no_graph_break(recipe):
+    explained = torch._dynamo.explain(tiny(recipe, "topk"))(inputs(2))
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
 
