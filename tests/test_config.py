@@ -42,7 +42,9 @@ def test_the_paper_variant_is_dynamicvit_exactly():
     paper = load_config(REPO / "configs" / "deit_small_dynamicvit_paper.yaml")
     assert paper.noise == type(paper.noise)()  # Bernoulli masks (noise scale 1) throughout
     assert paper.train.mixed_precision == "no" and paper.train.eval_modes[0] == "topk"  # fp32; top-k, as measured
+    assert not paper.model.drop_tokens and ours.model.drop_tokens  # DynamicViT's masked path; ours drops (cheaper)
     same = {**to_dict(paper), "noise": to_dict(ours)["noise"]}
+    same["model"] = {**same["model"], "drop_tokens": True}
     same["train"] = {**same["train"], **{k: to_dict(ours)["train"][k] for k in ("output_dir", "mixed_precision",
                                                                                   "eval_modes")}}
     assert same == to_dict(ours)
