@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,6 +41,8 @@ from dynvit import benchmark as bench  # noqa: E402
 from dynvit.benchmark.selection import evaluate_rules  # noqa: E402
 from dynvit.data import SeededImageDataset, balanced_subset, build_transform, scan_image_folder  # noqa: E402
 from dynvit.hub import load_pretrained  # noqa: E402
+sys.path.insert(0, str(REPO / "benchmarks"))
+from cifar10_accuracy import train_once  # noqa: E402
 
 # What every variant starts from: the DynamicViT-style recipe the preset had before this ablation
 # (Bernoulli masks, dropped tokens discarded, masked training path, a predictor-only warm-up over
@@ -274,17 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         out = REPO / args.out / f"{name}_{tag}_e{args.epochs}"
         final = out / "final"
-        if not (final / "config.json").is_file():
-            cmd = [sys.executable, "train.py", "--config", preset, "--data.path", args.data,
-                   "--model.pretrained_path", args.teacher, "--train.epochs", str(epochs), "--train.output_dir", str(out),
-                   "--train.resume", "auto", "--train.eval_modes", "[topk]", "--train.flops_images", "0",
-                   "--train.progress_bar", "false",
-                   "--train.calibrate_images", "0",  # every training image trained on; this script calibrates itself
-                   *_overrides(name, float(args.epochs)), *budget, *extra]
-            print("+ " + " ".join(cmd), flush=True)
-            t0 = time.time()
-            subprocess.run(cmd, cwd=REPO, check=True)
-            print(f"= trained {name} in {time.time() - t0:.0f} s", flush=True)
+        _, seconds = train_once(preset, args.data, out, ["--model.pretrained_path", args.teacher, "--train.epochs",
+                                                         str(epochs), *_overrides(name, float(args.epochs)), *budget, *extra])
+        if seconds:
+            print(f"= trained {name} in {seconds:.0f} s", flush=True)
         model = load_pretrained(final)
         data_config = dict(model.pretrained_cfg)
         test_set = _images(test, data_config, bench_indices(test.targets, args.eval_images))

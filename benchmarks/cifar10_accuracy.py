@@ -66,17 +66,17 @@ DATASETS = {
 }
 
 
-def _train(config: str, out: Path, overrides: list[str], args) -> tuple[Path, float]:
-    """Train unless ``out/final`` exists; the final directory and the seconds it took (0 if reused)."""
+def train_once(config: str, data, out: Path, overrides: list[str]) -> tuple[Path, float]:
+    """Fine-tune with ``train.py`` unless ``out/final`` exists (an interrupted run resumes); the
+    final directory and the seconds it took (0 if reused). Every training image is trained on
+    (the benchmarks calibrate threshold mode themselves) and validation is top-k only."""
     final = out / "final"
     if (final / "config.json").is_file():
         print(f"= {final} exists, not retrained", flush=True)
         return final, 0.0
-    cmd = [sys.executable, "train.py", "--config", config, "--data.path", str(args.data), "--train.output_dir", str(out),
+    cmd = [sys.executable, "train.py", "--config", config, "--data.path", str(data), "--train.output_dir", str(out),
            "--train.resume", "auto", "--train.progress_bar", "false", "--train.eval_modes", "[topk]",
-           "--train.flops_images", "0",
-           "--train.calibrate_images", "0",  # every training image trained on; this script calibrates itself
-           *overrides, *args.train_args]
+           "--train.flops_images", "0", "--train.calibrate_images", "0", *overrides]
     print("+ " + " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
@@ -146,7 +146,8 @@ class Bench:
         if self.args.train_subset:
             common += ["--data.train_subset", str(self.args.train_subset)]
         method_args = [] if method == "dynvit" else ["--model.method", method]
-        final, seconds = _train(self.args.preset, run, common + method_args + extra, self.args)
+        final, seconds = train_once(self.args.preset, self.args.data, run,
+                                    common + method_args + extra + self.args.train_args)
         self.train_seconds[str(run.relative_to(self.out))] = round(seconds)
         return load_pretrained(final, device=self.args.device)
 
