@@ -38,7 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import dynvit
 from dynvit import benchmark as bench
-from dynvit.cli import HelpFormatter, user_errors
+from dynvit.cli import ArgumentParser, HelpFormatter, user_errors
 from dynvit.config import ConfigError
 from dynvit.data import DataError, SeededImageDataset, balanced_subset, build_transform, scan_image_folder
 from dynvit.hub import load_pretrained
@@ -59,7 +59,7 @@ def _ints(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+    p = ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a model saved by dynvit.save_pretrained (dynvit or dense): a folder, "
@@ -127,6 +127,10 @@ def parse_args(argv: list[str] | None = None, p: argparse.ArgumentParser | None 
         p.error("--sweep calibrates at every budget; give --budget or --sweep, not both")
     if args.budget and args.mode in ("topk", "none"):
         p.error(f"--budget calibrates threshold mode; it does not apply to --mode {args.mode}")
+    bad = [r for r in args.keep_ratio or [] if not 0.0 < r <= 1.0]
+    if bad:
+        p.error(f"--model.keep_ratio must be in (0, 1], got {bad}: r keeps r**s of the patch tokens after stage s "
+                "(e.g. 0.7), or give one cumulative fraction per stage")
     bad = [r for r in (args.budget or []) + (args.sweep or []) if not 0.0 < r <= 1.0]
     if bad:
         p.error(f"budgets and sweep keep ratios must be in (0, 1], got {bad}")

@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import dynvit
 from dynvit.benchmark import evaluate_modes, kept_token_stats, spread_indices
-from dynvit.cli import HelpFormatter, add_config_arguments, config_overrides, user_errors
+from dynvit.cli import ArgumentParser, HelpFormatter, add_config_arguments, config_overrides, user_errors
 from dynvit.config import Config, ConfigError, load_config, save_config, to_dict
 from dynvit.data import (DataError, SeededImageDataset, balanced_subset, build_datasets, build_transform, data_loader,
                          resolve_data, scan_image_folder)
@@ -345,7 +345,8 @@ def _finish(cfg, model, ema, calib_set, val_loader, accelerator, metrics, flop_i
 
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        prog="train.py",
         description=doc[0] + "\n\n" + doc[1], formatter_class=HelpFormatter, allow_abbrev=False,
         usage="%(prog)s [-h] [--config YAML] [--resume [PATH]] [--section.key VALUE ...]",
         epilog="Every key below can be set in the YAML file (section: key: value) or here; later wins. A mapping takes "

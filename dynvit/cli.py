@@ -24,11 +24,19 @@ from .config import _CHOICES, Config, ConfigError
 from .data import DataError
 from .weights import WeightMismatchError
 
-__all__ = ["field_comments", "add_config_arguments", "config_overrides", "HelpFormatter", "USER_ERRORS", "one_line",
+__all__ = ["ArgumentParser", "field_comments", "add_config_arguments", "config_overrides", "HelpFormatter", "USER_ERRORS", "one_line",
            "user_errors"]
 
 # Errors a user causes and fixes (a key, a path, a file); anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, DataError, WeightMismatchError, FileNotFoundError, FileExistsError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, ``error: <message> (see --help)``, exit code 2
+    (argparse prints the whole usage first, which buries the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -320,6 +320,20 @@ def test_bad_budget_arguments_are_refused(checkpoints, capsys):
                                        "hold out fewer or calibrate on another split (--calib-split)\n")
 
 
+def test_argument_errors_are_one_line(capsys):
+    cli = _eval_module()
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--checkpoint", "x", "--keep-ratio", "1.5"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: --model.keep_ratio must be in (0, 1], got [1.5]: r keeps r**s of the "
+                                       "patch tokens after stage s (e.g. 0.7), or give one cumulative fraction per "
+                                       "stage (see eval.py --help)\n")
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["--keep-ratio", "0.5"])  # neither --checkpoint nor --model.name
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
 def test_visualize_writes_png(checkpoints, tmp_path):
     png = tmp_path / "masks.png"
     _eval_module().main(["--checkpoint", str(checkpoints / "dynvit"), "--data", str(cifar_dir("test")),
