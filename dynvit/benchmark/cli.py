@@ -52,7 +52,7 @@ class Run:
         logging.getLogger("dynvit.benchmark").setLevel(logging.ERROR)  # "untrained predictors" is expected here
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
-        self.args = args
+        self.args, self.subcommand = args, subcommand
         self.command = command or f"{PROG} {subcommand} " + " ".join(shlex.quote(a) for a in argv)
         self.load_start = _load()
         limit = getattr(args, "max_load", None)
@@ -68,9 +68,21 @@ class Run:
         return (f"{m['processor']}, {torch.get_num_threads()} threads, torch {m['torch']}, timm {m['timm']}; 1-minute load "
                 f"average {self.load_start} at the start, {_load()} at the end{other}")
 
+    def progress_logger(self) -> logging.Logger:
+        """The logger the run reports its progress on, ``dynvit.benchmark.<subcommand>`` (stderr,
+        at INFO: shown although the rest of ``dynvit.benchmark`` logs errors only during a run)."""
+        logger = logging.getLogger(f"dynvit.benchmark.{self.subcommand}")
+        logger.setLevel(logging.INFO)
+        return logger
+
+    def report(self, *texts: str) -> None:
+        """The run's output (tables and notes) on stdout: a command line's, not the library's."""
+        for text in texts:
+            print(text, flush=True)
+
     def write(self, payload: dict) -> str:
         """The JSON of the run: ``payload`` with the command, the machine and the load."""
         path = write_json(self.args.json, {"command": self.command, "machine": self.machine,
                                            "load_average_start": self.load_start, "load_average_end": _load(), **payload})
-        print(f"\n(every figure: {path})")
+        self.report(f"\n(every figure: {path})")
         return path

@@ -119,6 +119,7 @@ def main(argv: list[str], extra: list[str] | None = None) -> dict:
     if not (REPO / "train.py").is_file():
         raise SystemExit(f"the data benchmark runs train.py of the repository, not found at {REPO / 'train.py'}")
     run = Run("data", args, argv + (["--", *extra] if extra else []))
+    log = run.progress_logger()
     with tempfile.TemporaryDirectory(prefix="data_speed_") as tmp:
         args.cache_dir = args.cache_dir or os.path.join(tmp, "decoded")
         runs: dict[str, dict[str, list[dict]]] = {name: {c: [] for c in CACHES} for name in RECIPES}
@@ -128,9 +129,9 @@ def main(argv: list[str], extra: list[str] | None = None) -> dict:
                     out = Path(tmp) / f"{name.split()[0]}_{cache}_{r}"
                     result = run_once(config, [a.format(dense=args.dense) for a in extra_args], cache, args, out)
                     runs[name][cache].append(result)
-                    print(f"{name}, cache {cache}: {result['images_per_s']:.0f} images/s, "
-                          f"{result['cpu_ms_per_image']:.1f} CPU-ms per image, other processes "
-                          f"{100 * (result['other_cpu_share'] or 0):.0f}% of the CPUs", file=sys.stderr, flush=True)
+                    log.info("%s, cache %s: %.0f images/s, %.1f CPU-ms per image, other processes %.0f%% of the CPUs",
+                             name, cache, result["images_per_s"], result["cpu_ms_per_image"],
+                             100 * (result["other_cpu_share"] or 0))
     header = ["recipe", "images/s, cache none", "images/s, cache memory", "memory / none",
               "CPU-ms per image, none / memory", "CPU taken by others, none / memory runs"]
     lines, worst = [], 0.0
@@ -143,8 +144,7 @@ def main(argv: list[str], extra: list[str] | None = None) -> dict:
         lines.append([name, f"{ips['none']:.0f}", f"{ips['memory']:.0f}", f"{ips['memory'] / ips['none']:.2f}x",
                       f"{med['none']['cpu_ms_per_image']:.1f} / {med['memory']['cpu_ms_per_image']:.1f}",
                       f"{100 * other['none']:.0f}% / {100 * other['memory']:.0f}%"])
-    print(f"<!-- {run.command} -->\n{os.cpu_count()} CPUs; {args.steps} timed steps after {args.warmup}, median of "
-          f"{args.repeats} run(s)\n{run.load_line(worst)}\n")
-    print(markdown_table(header, lines))
+    run.report(f"<!-- {run.command} -->\n{os.cpu_count()} CPUs; {args.steps} timed steps after {args.warmup}, median of "
+               f"{args.repeats} run(s)\n{run.load_line(worst)}\n", markdown_table(header, lines))
     run.write({"steps": args.steps, "warmup": args.warmup, "runs": runs})
     return runs

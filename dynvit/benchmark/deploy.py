@@ -149,11 +149,9 @@ def main(argv: list[str], extra: list[str]) -> dict:
              else count_flops(m, size) for name, m in models.items()}
     result = deployment_speed(models, images, args.batch, runtimes=args.runtimes, repeats=args.repeats,
                               min_seconds=args.min_seconds)
-    print(f"<!-- {run.command} -->\n{what}; {len(images)} images, {size[1]}x{size[2]}; img/s the median of "
-          f"{args.repeats} interleaved rounds, speed-ups the median of the ratios to dense in the same runtime within a "
-          f"round.\n{run.load_line(result['other_cpu_share'])}\n")
-    print(speed_table(result, gmacs))
-    for line in cost_lines(result):
-        print("\n" + line)
+    run.report(f"<!-- {run.command} -->\n{what}; {len(images)} images, {size[1]}x{size[2]}; img/s the median of "
+               f"{args.repeats} interleaved rounds, speed-ups the median of the ratios to dense in the same runtime within a "
+               f"round.\n{run.load_line(result['other_cpu_share'])}\n")
+    run.report(speed_table(result, gmacs), *("\n" + line for line in cost_lines(result)))
     run.write({"what": what, "gmacs": gmacs, **result})
     return result

@@ -82,6 +82,7 @@ class Progress:
 
     def __init__(self, args, run: Run):
         self.start, self.args, self.run = time.perf_counter(), args, run
+        self.log = run.progress_logger()
         self.result = {"command": run.command, "machine": run.machine, "settings": {k: v for k, v in vars(args).items()},
                        "inference": [], "training": [], "skipped": [], "errors": []}
 
@@ -89,7 +90,7 @@ class Progress:
         return time.perf_counter() - self.start
 
     def say(self, text: str) -> None:
-        print(f"[{self.elapsed():6.0f} s] {text}", flush=True)
+        self.log.info("[%6.0f s] %s", self.elapsed(), text)
 
     def over_budget(self, what: str) -> bool:
         if self.elapsed() < self.args.budget_s:
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None, extra: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     progress.say(f"done: {os.path.join(args.out, 'gpu.md')}, {os.path.join(args.out, 'gpu.json')}")
-    print("\n" + report(progress.result))
+    run.report("\n" + report(progress.result))
     return progress.result
 
 

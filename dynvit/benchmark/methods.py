@@ -148,10 +148,10 @@ def main(argv: list[str], extra: list[str] | None = None) -> dict:
     fixed = {bs: speed["dense"][bs]["images_per_s"] / speed["1 token"][bs]["images_per_s"] for bs in (1, args.batch)}
     info["token_independent_share"] = fixed
     other = max(speed["dense"][bs]["other_cpu_share"] or 0 for bs in (1, args.batch))
-    print(f"<!-- {run.command} -->\n{args.model}; {args.repeats} rounds of repeats of at least {args.min_seconds:g} s, "
-          f"img/s their median, speed-ups the median of the ratios within a round.\n{run.load_line(other)}\n")
-    print(markdown_table(header, lines))
-    print(f"\nThe part of a dense forward that does not shrink with the tokens (`1 token` / dense time): "
-          f"{100 * fixed[1]:.0f}% at batch 1, {100 * fixed[args.batch]:.0f}% at batch {args.batch}.")
+    run.report(f"<!-- {run.command} -->\n{args.model}; {args.repeats} rounds of repeats of at least {args.min_seconds:g} s, "
+               f"img/s their median, speed-ups the median of the ratios within a round.\n{run.load_line(other)}\n")
+    run.report(markdown_table(header, lines))
+    run.report(f"\nThe part of a dense forward that does not shrink with the tokens (`1 token` / dense time): "
+               f"{100 * fixed[1]:.0f}% at batch 1, {100 * fixed[args.batch]:.0f}% at batch {args.batch}.")
     run.write({"model": args.model, "rows": info})
     return info

@@ -64,8 +64,8 @@ def main(argv: list[str], extra: list[str] | None = None) -> list[dict]:
             + [v for bs in (1, args.batch) for v in (f"{r[f'images_per_s_b{bs}']:.0f}", f"{r[f'speedup_b{bs}']:.2f}x")]
             for r in rows]
     other = max(s[bs]["other_cpu_share"] or 0.0 for s in speed.values() for bs in (1, args.batch))
-    print(f"<!-- {run.command} -->\n{args.checkpoint} on {len(images)} images of {args.data}; img/s the median of "
-          f"{args.repeats} repeats, speed-ups the median of the ratios within a round.\n{run.load_line(other)}\n")
-    print(markdown_table(header, body))
+    run.report(f"<!-- {run.command} -->\n{args.checkpoint} on {len(images)} images of {args.data}; img/s the median of "
+               f"{args.repeats} repeats, speed-ups the median of the ratios within a round.\n{run.load_line(other)}\n")
+    run.report(markdown_table(header, body))
     run.write({"rows": rows, "speed": speed})
     return rows

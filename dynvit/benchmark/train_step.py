@@ -198,8 +198,8 @@ def main(argv: list[str], extra: list[str] | None = None) -> dict:
         short = kind.removeprefix("fine-tune, ")
         header += [f"{short} step (s)", f"{short} / dense (CPU time)"]
     header.append("teacher forward (s)")
-    print(f"<!-- {run.command} -->\nbatch {args.batch}, 224x224, mixed precision {args.mixed_precision}; median of "
-          f"{args.repeats} interleaved repeats, ratios paired within a round.\n{run.load_line(other)}\n")
-    print(markdown_table(header, lines))
+    run.report(f"<!-- {run.command} -->\nbatch {args.batch}, 224x224, mixed precision {args.mixed_precision}; median of "
+               f"{args.repeats} interleaved repeats, ratios paired within a round.\n{run.load_line(other)}\n")
+    run.report(markdown_table(header, lines))
     run.write({"batch": args.batch, "mixed_precision": args.mixed_precision, "rows": rows})
     return rows
