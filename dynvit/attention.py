@@ -41,6 +41,7 @@ __all__ = [
     "mask_log_weight",
     "masked_attention",
     "masked_block",
+    "packed_block",
 ]
 
 # Log of the weight a dropped key keeps in masked_attention (2e-22 of a kept key's). A kept
@@ -303,4 +304,43 @@ def masked_block(
     """
     a = attention_forward(block.attn, block.norm1(x), key_mask=token_mask, key_bias=key_bias, explicit=explicit).out
     x = x + block.drop_path1(block.ls1(a))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def packed_block(block: Block, x: torch.Tensor, flat: torch.Tensor, layout: tuple[int, int],
+                 attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """One timm ``Block`` (with ``timm.layers.Attention``) on *packed* tokens: the real tokens of
+    a padded batch, without its padding, one row each.
+
+    The per-token layers (norms, the qkv and output projections, the MLP: nearly all the
+    arithmetic) run on the ``T`` real tokens alone; only attention, which mixes the tokens of an
+    image, runs on the padded ``(B, length)`` layout, its queries, keys and values scattered there
+    and its output gathered back. A batch whose images keep different numbers of tokens then
+    costs what its real tokens cost, not ``B`` times its largest count.
+
+    Args:
+        block: the timm block; its own submodules do all the work.
+        x: ``(T, C)`` packed tokens.
+        flat: ``(T,)`` each packed token's row in the padded layout flattened, ``(B * L)``.
+        layout: ``(B, L)``, images and tokens per image of the padded layout.
+        attn_mask: ``(B, 1, 1, L)`` bool (False: padding) or additive bias of the keys; None: none.
+
+    Returns:
+        ``(T, C)``: the block's output for each real token, as the padded batch would give it.
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
+    qkv = attn.qkv(h)
+    batch, length = layout
+    padded = qkv.new_zeros(batch * length, qkv.shape[-1]).index_copy(0, flat, qkv)
+    q, k, v = padded.view(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch * length, -1).index_select(0, flat)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

@@ -16,12 +16,15 @@ timm's ``Eva``: RoPE ViTs, EVA-02, Perception Encoder, DINOv3).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import packed_block
 from .families.pool import weighted_pool
 from .families.vit import check_class_attention, vit_class_attention, vit_masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
@@ -61,6 +64,7 @@ class _PrunedRun:
     details: bool
     n0: int
     regroup: bool | str
+    pack: bool = False  # run the blocks after a threshold-mode stage on packed tokens (see _pack_plan)
 
 
 # A threshold-mode batch is padded to its largest kept count. Regrouping sorts the images by
@@ -385,8 +389,23 @@ class DynViTMixin:
     #: regrouping made DeiT-S at batch 64 1.12x faster (1.3e9) and the small CIFAR-10 ViT at batch
     #: 64 1.12x slower (5e7), where each group's per-operation overhead outweighs the padding it
     #: saves (docs/BENCHMARKS.md, sections 2 and 5). Never used while exporting; inside
-    #: torch.compile a fixed number of groups (:func:`compiled_groups`).
+    #: torch.compile a fixed number of groups (:func:`compiled_groups`), used when True or when
+    #: ``threshold_pack`` is off (packing does as well there).
     threshold_regroup: bool | str = "auto"
+
+    #: whether threshold mode runs a batch's blocks after the first stage on *packed* tokens (the
+    #: real tokens of the padded batch, one row each; :func:`dynvit.attention.packed_block`): the
+    #: per-token layers then skip the padding, and only attention sees the padded layout. The logits
+    #: do not change. Used for batches of two or more images whose blocks are timm ``Block`` with
+    #: ``Attention`` (other block types: padding, or regrouping), unless the batch is regrouped
+    #: (eager: ``threshold_regroup`` True, or "auto" and a large batch; compiled: True); never
+    #: while exporting.
+    threshold_pack: bool = True
+
+    def _packable(self) -> bool:
+        """Whether every block after the first stage can run on packed tokens."""
+        first = min(self.prune_loc)
+        return all(type(b) is Block and type(b.attn) is Attention for b in list(self.blocks)[first:])
 
     def _run_block(self, fn, *args):
         # Honour timm's set_grad_checkpointing() in the training path.
@@ -428,8 +447,11 @@ class DynViTMixin:
         regroup = False
         if mode == "threshold" and self.threshold_regroup:
             regroup = "compiled" if compiling() else False if tracing() else self.threshold_regroup
+        pack = (mode == "threshold" and B > 1 and bool(self.threshold_pack) and (compiling() or not tracing())
+                and self._packable())
         run = _PrunedRun(mode=mode, thresholds=self.keep_threshold if thresholds is None else thresholds,
-                         stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0, regroup=regroup)
+                         stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0, regroup=regroup,
+                         pack=pack)
         # Original index of each patch token: for the per-stage masks and logits, and the rotary angles.
         position = torch.arange(n0, device=x.device).expand(B, n0) if details or rope is not None else None
         logits, keep_masks, keep_logits = self._pruned_blocks(0, x, rope, position, None, None, run)
@@ -450,9 +472,12 @@ class DynViTMixin:
         merge = self.dropped_tokens == "merge"
         keep_masks, keep_logits = [], []
         attn_mask = None if valid is None and size is None else self._attn_mask(valid, size)
+        packed = None  # (flat, (B, L)) while the blocks run on packed tokens (see _pack)
         for i in range(start, len(self.blocks)):
             s = run.stage_of.get(i)
             if s is not None:
+                if packed is not None:
+                    x, packed = _unpack(x, *packed), None
                 if decided is not None:
                     (index, index_valid), decided = decided, None
                 else:
@@ -468,15 +493,20 @@ class DynViTMixin:
                         groups = None
                         if B == 1 and not compiling():
                             index_valid = None  # a single image is never padded (compiled: see compact_indices)
-                        elif run.regroup == "compiled":
-                            groups = compiled_groups(index_valid.sum(1), n0, x.shape[-1],
-                                                     self.threshold_regroup is True)
                         elif run.regroup is True or (run.regroup == "auto"
                                                      and B * index.shape[1] * x.shape[-1] ** 2 >= REGROUP_MIN_WORK):
+                            # Eager, a large batch: groups of cache-sized tensors beat one packed batch
+                            # (DeiT-S at batch 64: 1.63x dense regrouped, 1.48x packed). If no grouping
+                            # saves enough, the batch is packed below.
                             if bool(index_valid.all()):
                                 index_valid = None  # every image kept as many: nothing padded
                             else:
                                 groups = regroup_by_count(index_valid.sum(1))
+                        elif run.regroup == "compiled" and (self.threshold_regroup is True or not run.pack):
+                            # Compiled, packing does as well as groups (DeiT-S at batch 64: 1.71x and
+                            # 1.74x compiled dense) at a fraction of the compile time: groups when asked for.
+                            groups = compiled_groups(index_valid.sum(1), n0, x.shape[-1],
+                                                     self.threshold_regroup is True)
                         if groups is not None:
                             head, masks, more_logits = self._pruned_groups(groups, i, x, position, valid, size, index,
                                                                            index_valid, run)
@@ -495,7 +525,15 @@ class DynViTMixin:
                 if run.details:
                     src = torch.ones_like(position, dtype=torch.bool) if valid is None else valid
                     keep_masks.append(torch.zeros(B, n0, dtype=torch.bool, device=x.device).scatter(1, position, src))
-            x = self._call_block(i, self.blocks[i], x, rope, attn_mask)
+                if run.pack and valid is not None:
+                    packed = _pack_plan(valid, p)
+                    x = x.flatten(0, 1).index_select(0, packed[0])
+            if packed is None:
+                x = self._call_block(i, self.blocks[i], x, rope, attn_mask)
+            else:
+                x = packed_block(self.blocks[i], x, packed[0], packed[1], attn_mask)
+        if packed is not None:
+            x = _unpack(x, *packed)
         x = self.norm(x)
         if size is None:
             weight = valid
@@ -508,6 +546,7 @@ class DynViTMixin:
         """The rest of a threshold-mode batch as groups of images with similar kept counts, each
         padded to its own largest count instead of the batch's; the results in batch order."""
         parts = []
+        run = replace(run, pack=False)  # measured as groups of padded batches; their padding is small
         for g in groups:
             g_valid = index_valid[g]
             k = largest_count(g_valid.sum(1), g_valid.shape[1])
@@ -540,6 +579,23 @@ def _in_place(values: torch.Tensor | None, position: torch.Tensor | None, n0: in
     if values is None or position is None:
         return values
     return values.new_full((values.shape[0], n0), fill).scatter(1, position, values)
+
+
+def _pack_plan(valid: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Where the real tokens of a padded batch sit: ``(flat, (B, L))``, ``flat`` ``(T,)`` the
+    rows of the ``T`` real tokens (prefix tokens and the patch tokens ``valid`` ``(B, N)`` marks)
+    in the batch flattened to ``(B * L)`` rows, ``L = P + N``, in order."""
+    B = valid.shape[0]
+    full = torch.cat([valid.new_ones(B, num_prefix_tokens), valid], dim=1).flatten()
+    total = largest_count(full.sum().unsqueeze(0), full.shape[0])
+    flat = torch.argsort((~full).to(torch.uint8), stable=True)[:total]  # real rows first, in order
+    return flat, (B, valid.shape[1] + num_prefix_tokens)
+
+
+def _unpack(x: torch.Tensor, flat: torch.Tensor, layout: tuple[int, int]) -> torch.Tensor:
+    """Packed tokens ``(T, C)`` back in the padded layout ``(B, L, C)``, zeros in the padding."""
+    B, L = layout
+    return x.new_zeros(B * L, x.shape[-1]).index_copy(0, flat, x).view(B, L, -1)
 
 
 class TrainingModel(nn.Module):

@@ -13,7 +13,9 @@ PRUNE_LOC = (1, 3)
 
 
 def calibrated_model(**kw):
-    model = dynvit.patch(make_timm("deit_tiny"), prune_loc=PRUNE_LOC, keep_ratio=0.7, **kw).eval()
+    with torch.random.fork_rng():  # the predictors' initialisation: not whatever ran before
+        torch.manual_seed(0)
+        model = dynvit.patch(make_timm("deit_tiny"), prune_loc=PRUNE_LOC, keep_ratio=0.7, **kw).eval()
     return make_decisive_(model)
 
 
@@ -42,9 +44,10 @@ def test_calibration_hits_the_budget_on_held_out_images(budget, one_thread):
     assert torch.equal(thresholds, model.keep_threshold) and model.keep_ratio == pytest.approx(tuple(target.tolist()))
     # On the calibration images the budget is met to a token or so per stage.
     assert (kept_fractions(model, calib) - target).abs().max() < 2 / (16 * len(calib))
-    # On images it never saw, to within a sampling error (a quantile taken from the wrong end
-    # would keep 1 - budget: at 0.7 that is 0.3, far outside).
-    assert (kept_fractions(model, held_out) - target).abs().max() < 0.03
+    # On images it never saw, to within a sampling error (96 images of 16 tokens on each side:
+    # over predictor initialisations the largest error was 0.037; a quantile taken from the
+    # wrong end would keep 1 - budget: at 0.7 that is 0.3, far outside).
+    assert (kept_fractions(model, held_out) - target).abs().max() < 0.045
     # and the count still varies per image: the budget is a mean, not a per-image cap
     with torch.no_grad():
         counts = model.forward_pruned(held_out, "threshold").keep_masks[0].sum(1)

@@ -76,7 +76,7 @@ def test_compiled_threshold_regroups_large_batches_in_one_graph(monkeypatch):
     # padded to its own largest count; the logits stay those of the whole batch in eager mode.
     monkeypatch.setattr(dynvit.model, "REGROUP_COMPILED_GROUP", 4)  # 2 groups of a batch of 8
     model, x = tiny("merge+match", "threshold"), inputs(24)
-    model.threshold_regroup = True
+    model.threshold_regroup, model.threshold_pack = True, False
     assert dynvit.model.compiled_groups(torch.tensor([5, 1, 4, 4, 2, 8, 3, 3]), 64, 64, True)[0].tolist() == [1, 4, 6, 7]
     counter = CompileCounter()
     compiled = dynvit.compile(model, backend=counter)

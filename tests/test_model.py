@@ -115,6 +115,7 @@ def assert_regrouping_changes_nothing(model, x, monkeypatch):
         return groups
     regroup = dynvit.model.regroup_by_count
     monkeypatch.setattr(dynvit.model, "regroup_by_count", spy)
+    model.threshold_pack = False  # packing leaves no padding to regroup
     with torch.no_grad():
         model.threshold_regroup = True
         grouped = model.forward_pruned(x, "threshold")
@@ -136,6 +137,72 @@ def test_regrouped_threshold_batch_equals_whole_batch(family, dropped, images, m
     assert_regrouping_changes_nothing(model, x, monkeypatch)
 
 
+@pytest.mark.parametrize("family", ["deit_tiny", "registers", "qk_norm", "deit3_layerscale", "avg_pool"])
+@pytest.mark.parametrize("dropped", ["discard", "merge"])
+def test_packed_threshold_batch_equals_padded_batch(family, dropped, images, monkeypatch):
+    # After a threshold-mode stage the per-token layers run on the real tokens alone (packed);
+    # only attention sees the padded layout. Results: those of the padded batch.
+    _, model = patched(family, dropped_tokens=dropped)
+    x = torch.cat([images, images.flip(-1), 0.5 * images, images.flip(-2)])  # 16 images
+    rows = []
+    pack = dynvit.model.packed_block
+    monkeypatch.setattr(dynvit.model, "packed_block", lambda block, t, *a: rows.append(t.shape[0]) or pack(block, t, *a))
+    model.threshold_regroup = False
+    with torch.no_grad():
+        model.threshold_pack = True
+        packed = model.forward_pruned(x, "threshold")
+        model.threshold_pack = False
+        padded = model.forward_pruned(x, "threshold")
+    counts = [m.sum(1) for m in packed.keep_masks]
+    assert any((c != c.max()).any() for c in counts), "test needs padding"
+    p = model.num_prefix_tokens
+    blocks = [b - a for a, b in zip(PRUNE_LOC, PRUNE_LOC[1:] + (len(model.blocks),))]
+    assert rows == [int((c + p).sum()) for c, n in zip(counts, blocks) for _ in range(n)]  # real tokens only
+    torch.testing.assert_close(packed.logits, padded.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(packed.keep_masks, padded.keep_masks, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(packed.keep_logits, padded.keep_logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_is_left_to_single_images_and_other_blocks(images, monkeypatch):
+    _, model = patched("deit_tiny")
+    monkeypatch.setattr(dynvit.model, "packed_block", lambda *a: pytest.fail("packed a batch it should not"))
+    with torch.no_grad():
+        model.forward_pruned(images[:1], "threshold")  # one image: no padding
+        model.forward_pruned(images, "topk")  # top-k: no padding
+        model.threshold_pack = False
+        model.forward_pruned(images, "threshold")
+
+
+def test_eager_regrouping_comes_before_packing(images, monkeypatch):
+    # Eager, a batch large enough to regroup is regrouped (cache-sized groups beat one packed
+    # batch there); one that no grouping helps is packed; a small one is packed straight away.
+    _, model = patched("deit_tiny")
+    x = torch.cat([images, images.flip(-1), 0.5 * images, images.flip(-2)])  # 16 images
+    events = []
+    pack, regroup = dynvit.model.packed_block, dynvit.model.regroup_by_count
+    monkeypatch.setattr(dynvit.model, "packed_block", lambda *a: events.append("pack") or pack(*a))
+    monkeypatch.setattr(dynvit.model, "REGROUP_MIN_GROUP", 2)
+    model.threshold_regroup, model.threshold_pack = "auto", True
+    with torch.no_grad():
+        model.forward_pruned(x, "threshold")  # far below REGROUP_MIN_WORK
+        assert events and set(events) == {"pack"}
+        events.clear()
+        monkeypatch.setattr(dynvit.model, "REGROUP_MIN_WORK", 1)
+        monkeypatch.setattr(dynvit.model, "regroup_by_count", lambda c: events.append("regroup") or regroup(c))
+        grouped = model.forward_pruned(x, "threshold")
+        assert events[0] == "regroup" and "pack" not in events  # groups are small padded batches
+        events.clear()
+        monkeypatch.setattr(dynvit.model, "regroup_by_count", lambda c: events.append("regroup") and None)
+        fallback = model.forward_pruned(x, "threshold")  # no grouping pays: packed
+        assert events[0] == "regroup" and "pack" in events
+        model.threshold_pack, model.threshold_regroup = False, False
+        padded = model.forward_pruned(x, "threshold")
+    torch.testing.assert_close(grouped.logits, padded.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fallback.logits, padded.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_regroup_by_count_sorts_and_splits_only_when_it_pays():
     from dynvit.model import regroup_by_count
     counts = torch.tensor([40, 5, 38, 6, 41, 7, 39, 5] * 4)  # two clusters: padding to 41 wastes half
@@ -154,7 +221,7 @@ def test_auto_regroups_only_batches_with_enough_work(images, monkeypatch):
     calls = []
     monkeypatch.setattr(dynvit.model, "REGROUP_MIN_GROUP", 2)
     monkeypatch.setattr(dynvit.model, "regroup_by_count", lambda counts: calls.append(len(counts)))
-    model.threshold_regroup = "auto"
+    model.threshold_regroup, model.threshold_pack = "auto", False
     with torch.no_grad():
         model.forward_pruned(x, "threshold")  # 16 images x <= 16 tokens x 192**2: far below the bar
         assert calls == []

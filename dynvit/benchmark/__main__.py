@@ -3,7 +3,7 @@
     python -m dynvit.benchmark speed --preset demo         # dense vs pruned: eager, compiled, ONNX Runtime
     python -m dynvit.benchmark speed --preset deit_small
     python -m dynvit.benchmark methods                     # DeiT-S: dynvit, EViT, ToMe, random, the ceiling
-    python -m dynvit.benchmark threshold-batch             # regrouping threshold-mode batches (a trained model)
+    python -m dynvit.benchmark threshold-batch             # packing or regrouping threshold-mode batches (a trained model)
     python -m dynvit.benchmark train-step                  # a fine-tune step against a dense step
     python -m dynvit.benchmark data                        # train.py images/s with and without data.cache memory
     python -m dynvit.benchmark gpu [--quick]               # everything on one GPU in one call (dynvit.benchmark.gpu)
@@ -20,7 +20,7 @@ import sys
 COMMANDS = {
     "speed": ("dynvit.benchmark.deploy", "dense vs pruned, eager / compiled / ONNX Runtime, batch 1 and 64"),
     "methods": ("dynvit.benchmark.methods", "token-reduction methods side by side on DeiT-S, with the ceiling"),
-    "threshold-batch": ("dynvit.benchmark.threshold_batch", "threshold-mode batches, regrouped or padded"),
+    "threshold-batch": ("dynvit.benchmark.threshold_batch", "threshold-mode batches: packed, regrouped or padded"),
     "train-step": ("dynvit.benchmark.train_step", "a pruning fine-tune step against a dense step"),
     "data": ("dynvit.benchmark.data_speed", "train.py images/s with data.cache none and memory"),
     "gpu": ("dynvit.benchmark.gpu", "the whole GPU benchmark in one call (--quick: a small CPU run)"),

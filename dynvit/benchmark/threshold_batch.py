@@ -1,15 +1,17 @@
-"""``python -m dynvit.benchmark threshold-batch``: what regrouping a threshold-mode batch by kept
-count buys, on a trained model and real images (docs/BENCHMARKS.md, section 5).
+"""``python -m dynvit.benchmark threshold-batch``: what packing a threshold-mode batch, or
+regrouping it by kept count, buys, on a trained model and real images (docs/BENCHMARKS.md, section 5).
 
     python -m dynvit.benchmark threshold-batch [--checkpoint runs/demo/dynvit/final] [--data ../shared/data/cifar10/test]
 
-A threshold-mode batch is padded to its largest kept count; with ``model.threshold_regroup =
-True`` the images are sorted by count after each stage and the rest of the network runs on
-groups padded to their own largest count (:func:`dynvit.model.regroup_by_count`). Timed in one
-process (repeats interleaved, median) on images spread over every class and shuffled, so each
-batch is a fair mix: the dense backbone of the checkpoint, top-k mode, and threshold mode with
-and without regrouping. The logits do not depend on the grouping (tests/test_model.py checks
-it); only the padded work does.
+A threshold-mode batch is padded to its largest kept count. With ``model.threshold_pack`` the
+blocks after a stage run their per-token layers on the real tokens alone
+(:func:`dynvit.attention.packed_block`); with ``model.threshold_regroup = True`` the images are
+sorted by count after each stage and the rest of the network runs on groups padded to their own
+largest count (:func:`dynvit.model.regroup_by_count`). Timed in one process (repeats
+interleaved, median) on images spread over every class and shuffled, so each batch is a fair
+mix: the dense backbone of the checkpoint, top-k mode, and threshold mode packed, regrouped and
+as one padded batch. The logits do not depend on the choice (tests/test_model.py checks it);
+only the padded work does.
 """
 from __future__ import annotations
 
@@ -41,15 +43,18 @@ def main(argv: list[str], extra: list[str] | None = None) -> list[dict]:
     model = load_pretrained(args.checkpoint).eval()
     images = load_images(Path(args.data), model, args.images)
     dense = dense_backbone(model)
-    topk, grouped, padded = (copy.deepcopy(model) for _ in range(3))
+    topk, packed, grouped, padded = (copy.deepcopy(model) for _ in range(4))
     topk.prune_mode = "topk"
-    grouped.prune_mode = padded.prune_mode = "threshold"
-    grouped.threshold_regroup, padded.threshold_regroup = True, False
-    models = {"dense": dense, "dynvit top-k": topk, "dynvit threshold, regrouped": grouped,
-              "dynvit threshold, one padded batch": padded}
+    packed.prune_mode = grouped.prune_mode = padded.prune_mode = "threshold"
+    packed.threshold_pack, packed.threshold_regroup = True, False
+    grouped.threshold_pack, grouped.threshold_regroup = False, True
+    padded.threshold_pack, padded.threshold_regroup = False, False
+    models = {"dense": dense, "dynvit top-k": topk, "dynvit threshold, packed": packed,
+              "dynvit threshold, regrouped": grouped, "dynvit threshold, one padded batch": padded}
     size = tuple(images.shape[1:])
     gmacs = {name: count_flops(m, size, images=images) for name, m in list(models.items())[:3]}
-    gmacs["dynvit threshold, one padded batch"] = gmacs["dynvit threshold, regrouped"]  # the same decisions
+    for name in list(models)[3:]:
+        gmacs[name] = gmacs["dynvit threshold, packed"]  # the same decisions
     speed = measure_speed(models, images, (1, args.batch), repeats=args.repeats, min_seconds=args.min_seconds)
 
     rows = []
