@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ __all__ = [
     "masked_attention",
     "masked_block",
     "packed_block",
+    "PackedLayout",
 ]
 
 # Log of the weight a dropped key keeps in masked_attention (2e-22 of a kept key's). A kept
@@ -307,23 +309,32 @@ def masked_block(
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def packed_block(block: Block, x: torch.Tensor, flat: torch.Tensor, layout: tuple[int, int],
-                 attn_mask: torch.Tensor | None) -> torch.Tensor:
+class PackedLayout(NamedTuple):
+    """Where the ``T`` real tokens of a padded batch ``(batch, length)`` sit (see :func:`packed_block`)."""
+
+    flat: torch.Tensor  # (T,) each real token's row in the padded batch flattened to (batch * length), in order
+    spread: torch.Tensor  # (batch * length,) the packed row each padded row takes: its own token, padding row 0
+    batch: int
+    length: int
+
+
+def packed_block(block: Block, x: torch.Tensor, layout: PackedLayout, attn_mask: torch.Tensor | None) -> torch.Tensor:
     """One timm ``Block`` (with ``timm.layers.Attention``) on *packed* tokens: the real tokens of
     a padded batch, without its padding, one row each.
 
     The per-token layers (norms, the qkv and output projections, the MLP: nearly all the
     arithmetic) run on the ``T`` real tokens alone; only attention, which mixes the tokens of an
-    image, runs on the padded ``(B, length)`` layout, its queries, keys and values scattered there
+    image, runs on the padded layout, its queries, keys and values spread there (padding rows
+    take a copy of a real row: ``attn_mask`` hides them as keys, and their outputs are dropped)
     and its output gathered back. A batch whose images keep different numbers of tokens then
-    costs what its real tokens cost, not ``B`` times its largest count.
+    costs what its real tokens cost, not ``batch`` times its largest count.
 
     Args:
         block: the timm block; its own submodules do all the work.
         x: ``(T, C)`` packed tokens.
-        flat: ``(T,)`` each packed token's row in the padded layout flattened, ``(B * L)``.
-        layout: ``(B, L)``, images and tokens per image of the padded layout.
-        attn_mask: ``(B, 1, 1, L)`` bool (False: padding) or additive bias of the keys; None: none.
+        layout: where they sit in the padded batch.
+        attn_mask: ``(batch, 1, 1, length)`` bool (False: padding) or additive bias of the keys
+            with ``-inf`` on padding; None: none.
 
     Returns:
         ``(T, C)``: the block's output for each real token, as the padded batch would give it.
@@ -331,14 +342,12 @@ def packed_block(block: Block, x: torch.Tensor, flat: torch.Tensor, layout: tupl
     attn = block.attn
     h = block.norm1(x)
     gate = attn.gate(h).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(h)
-    batch, length = layout
-    padded = qkv.new_zeros(batch * length, qkv.shape[-1]).index_copy(0, flat, qkv)
-    q, k, v = padded.view(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    qkv = attn.qkv(h).index_select(0, layout.spread)
+    q, k, v = qkv.view(layout.batch, layout.length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=attn.scale)
-    out = out.transpose(1, 2).reshape(batch * length, -1).index_select(0, flat)
+    out = out.transpose(1, 2).reshape(layout.batch * layout.length, -1).index_select(0, layout.flat)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate

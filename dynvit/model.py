@@ -24,7 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import packed_block
+from .attention import PackedLayout, packed_block
 from .families.pool import weighted_pool
 from .families.vit import check_class_attention, vit_class_attention, vit_masked_block
 from .gumbel import SAMPLERS, sample_keep_mask
@@ -472,12 +472,12 @@ class DynViTMixin:
         merge = self.dropped_tokens == "merge"
         keep_masks, keep_logits = [], []
         attn_mask = None if valid is None and size is None else self._attn_mask(valid, size)
-        packed = None  # (flat, (B, L)) while the blocks run on packed tokens (see _pack)
+        packed = None  # a PackedLayout while the blocks run on packed tokens (see _pack_plan)
         for i in range(start, len(self.blocks)):
             s = run.stage_of.get(i)
             if s is not None:
                 if packed is not None:
-                    x, packed = _unpack(x, *packed), None
+                    x, packed = _unpack(x, packed), None
                 if decided is not None:
                     (index, index_valid), decided = decided, None
                 else:
@@ -527,13 +527,13 @@ class DynViTMixin:
                     keep_masks.append(torch.zeros(B, n0, dtype=torch.bool, device=x.device).scatter(1, position, src))
                 if run.pack and valid is not None:
                     packed = _pack_plan(valid, p)
-                    x = x.flatten(0, 1).index_select(0, packed[0])
+                    x = x.flatten(0, 1).index_select(0, packed.flat)
             if packed is None:
                 x = self._call_block(i, self.blocks[i], x, rope, attn_mask)
             else:
-                x = packed_block(self.blocks[i], x, packed[0], packed[1], attn_mask)
+                x = packed_block(self.blocks[i], x, packed, attn_mask)
         if packed is not None:
-            x = _unpack(x, *packed)
+            x = _unpack(x, packed)
         x = self.norm(x)
         if size is None:
             weight = valid
@@ -581,21 +581,21 @@ def _in_place(values: torch.Tensor | None, position: torch.Tensor | None, n0: in
     return values.new_full((values.shape[0], n0), fill).scatter(1, position, values)
 
 
-def _pack_plan(valid: torch.Tensor, num_prefix_tokens: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Where the real tokens of a padded batch sit: ``(flat, (B, L))``, ``flat`` ``(T,)`` the
-    rows of the ``T`` real tokens (prefix tokens and the patch tokens ``valid`` ``(B, N)`` marks)
-    in the batch flattened to ``(B * L)`` rows, ``L = P + N``, in order."""
+def _pack_plan(valid: torch.Tensor, num_prefix_tokens: int) -> PackedLayout:
+    """Where the real tokens of a padded batch sit: the prefix tokens and the patch tokens
+    ``valid`` ``(B, N)`` marks, in the batch flattened to ``B * (P + N)`` rows, in order."""
     B = valid.shape[0]
     full = torch.cat([valid.new_ones(B, num_prefix_tokens), valid], dim=1).flatten()
     total = largest_count(full.sum().unsqueeze(0), full.shape[0])
     flat = torch.argsort((~full).to(torch.uint8), stable=True)[:total]  # real rows first, in order
-    return flat, (B, valid.shape[1] + num_prefix_tokens)
+    spread = (full.cumsum(0) - 1).clamp(min=0) * full  # a real row's place among the real rows; padding: 0
+    return PackedLayout(flat, spread, B, valid.shape[1] + num_prefix_tokens)
 
 
-def _unpack(x: torch.Tensor, flat: torch.Tensor, layout: tuple[int, int]) -> torch.Tensor:
+def _unpack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """Packed tokens ``(T, C)`` back in the padded layout ``(B, L, C)``, zeros in the padding."""
-    B, L = layout
-    return x.new_zeros(B * L, x.shape[-1]).index_copy(0, flat, x).view(B, L, -1)
+    padded = x.new_zeros(layout.batch * layout.length, x.shape[-1]).index_copy(0, layout.flat, x)
+    return padded.view(layout.batch, layout.length, -1)
 
 
 class TrainingModel(nn.Module):

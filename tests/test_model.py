@@ -146,7 +146,7 @@ def test_packed_threshold_batch_equals_padded_batch(family, dropped, images, mon
     x = torch.cat([images, images.flip(-1), 0.5 * images, images.flip(-2)])  # 16 images
     rows = []
     pack = dynvit.model.packed_block
-    monkeypatch.setattr(dynvit.model, "packed_block", lambda block, t, *a: rows.append(t.shape[0]) or pack(block, t, *a))
+    monkeypatch.setattr(dynvit.model, "packed_block", lambda b, t, *a: rows.append(t.shape[0]) or pack(b, t, *a))
     model.threshold_regroup = False
     with torch.no_grad():
         model.threshold_pack = True
