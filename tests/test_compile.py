@@ -124,9 +124,11 @@ def check_inductor(model, batches):
 
 def test_inductor_logits_equal_eager(one_thread):
     # One inductor compile (tens of seconds): a padded threshold-mode batch with merging and the
-    # match prior, the path with the most data-dependent parts.
+    # match prior, the path with the most data-dependent parts, run packed (threshold_pack).
     x = inputs(6)
-    check_inductor(tiny("merge+match", "threshold"), [x[:3], x[3:]])
+    model = tiny("merge+match", "threshold")
+    assert model.threshold_pack and model._packable()
+    check_inductor(model, [x[:3], x[3:]])
 
 
 @pytest.mark.slow
