@@ -2,9 +2,11 @@
 
 The exported graphs really run fewer tokens: kept tokens are gathered, as in
 :meth:`~dynvit.DynViTMixin.forward_pruned`, and the blocks after a pruning stage see the
-shorter sequence. Top-k exports keep a dynamic batch size (every image keeps the same
-count); threshold exports take one image at a time and compute its kept count inside the
-graph (a data-dependent size), since a padded batch would need a mask.
+shorter sequence. Exports keep a dynamic batch size by default. Top-k keeps the same count
+for every image; threshold mode computes each image's kept count inside the graph (a
+data-dependent size), pads a batch to its largest count and masks the padding out of attention
+and pooling, as :meth:`~dynvit.DynViTMixin.forward_pruned` does. ``batch_size=1`` exports a
+graph for single images, which needs no padding: the fastest for threshold mode at batch 1.
 
 ONNX goes through ``torch.onnx.export(..., dynamo=True)``, the torch.export-based exporter.
 The legacy TorchScript exporter traces with concrete values: it freezes the threshold-mode
@@ -60,6 +62,7 @@ class ExportResult:
     mode: str  # prune mode the export runs: topk, threshold or none
     opset: int | None = None  # ONNX only
     max_abs_diff: float | None = None  # largest |exported - PyTorch| logit difference; None if not verified
+    batch_size: int | None = None  # the batch size the graph takes; None: any (a dynamic batch dimension)
     batch_sizes: list[int] = field(default_factory=list)  # batch sizes checked
     kept_counts: list[list[int]] = field(default_factory=list)  # per checked image, patch tokens kept after each stage
     num_patches: int = 0  # patch tokens before the first stage
@@ -103,7 +106,13 @@ def load_images(directory: str | os.PathLike, model: nn.Module, num: int = 8) ->
     return torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
 
 
-def _check_request(model: nn.Module, path: str, format: str, mode: str, keep_ratio, opset: int | None) -> None:
+def _tile(images: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` images: ``images`` repeated as often as needed."""
+    return images.repeat(-(-n // len(images)), 1, 1, 1)[:n]
+
+
+def _check_request(model: nn.Module, path: str, format: str, mode: str, keep_ratio, opset: int | None,
+                   batch_size: int | None = None) -> None:
     if format not in FORMATS:
         raise ExportError(f"format {format!r} cannot be exported: choose one of {', '.join(FORMATS)}")
     if format == "safetensors" and path.endswith((".safetensors", ".json")):
@@ -118,6 +127,11 @@ def _check_request(model: nn.Module, path: str, format: str, mode: str, keep_rat
                           + ", so the ratio would be silently ignored")
     if opset is not None and format != "onnx":
         raise ExportError(f"opset applies to ONNX only, not to format {format!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ExportError(f"batch_size must be a positive int (a graph for that batch size) or None (any batch size), "
+                          f"got {batch_size!r}")
+    if batch_size is not None and format == "safetensors":
+        raise ExportError("batch_size applies to graph exports (onnx, pt2), not to safetensors weights")
 
 
 @contextlib.contextmanager
@@ -139,8 +153,8 @@ def _export_settings(model: nn.Module, mode: str, keep_ratio):
 
 
 # ---- writers ------------------------------------------------------------------------------
-def _dynamic_batch(mode: str):
-    return None if mode == "threshold" else ({0: torch.export.Dim("batch", min=1, max=65536)},)
+def _dynamic_batch(batch_size: int | None):
+    return None if batch_size else ({0: torch.export.Dim("batch", min=1, max=65536)},)
 
 
 def _too_new_ops(model_proto, opset: int) -> list[str]:
@@ -160,14 +174,14 @@ def _too_new_ops(model_proto, opset: int) -> list[str]:
     return problems
 
 
-def _export_onnx(model: nn.Module, path: str, example: torch.Tensor, mode: str, opset: int | None) -> int:
+def _export_onnx(model: nn.Module, path: str, example: torch.Tensor, batch_size: int | None, opset: int | None) -> int:
     import onnx
 
     if opset is not None and opset > onnx.defs.onnx_opset_version():
         raise ExportError(f"opset {opset} is newer than the installed onnx {onnx.__version__} knows "
                           f"(up to {onnx.defs.onnx_opset_version()})")
     target = max(opset, MIN_OPSET) if opset is not None else None
-    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=target, dynamic_shapes=_dynamic_batch(mode),
+    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=target, dynamic_shapes=_dynamic_batch(batch_size),
                                 input_names=["images"], output_names=["logits"], verbose=False)
     written = next(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx"))
     if opset is not None and opset < MIN_OPSET:
@@ -182,8 +196,8 @@ def _export_onnx(model: nn.Module, path: str, example: torch.Tensor, mode: str, 
     return written
 
 
-def _export_pt2(model: nn.Module, path: str, example: torch.Tensor, mode: str) -> None:
-    program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch(mode), strict=False)
+def _export_pt2(model: nn.Module, path: str, example: torch.Tensor, batch_size: int | None) -> None:
+    program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch(batch_size), strict=False)
     torch.export.save(program, path)
 
 
@@ -205,6 +219,7 @@ def export_model(
     mode: str | None = None,
     keep_ratio: float | list[float] | None = None,
     opset: int | None = None,
+    batch_size: int | None = None,
     inputs: torch.Tensor | None = None,
     verify: bool = True,
     atol: float = ATOL,
@@ -217,10 +232,14 @@ def export_model(
         path: output file (``onnx``, ``pt2``) or directory (``safetensors``: ``model.safetensors``
             and ``config.json`` via :func:`dynvit.hub.save_pretrained`).
         format: ``onnx``, ``pt2`` or ``safetensors``.
-        mode: ``topk`` (dynamic batch), ``threshold`` (batch size 1, dynamic token count) or
+        mode: ``topk``, ``threshold`` (the kept counts computed in the graph, per image) or
             ``none`` (dense); default the model's ``prune_mode``.
         keep_ratio: top-k keep ratio to export with (see :func:`dynvit.patch`).
         opset: ONNX opset, at least :data:`MIN_OPSET`; from 23 on attention is ONNX ``Attention``.
+        batch_size: ``None`` (default): any batch size, a dynamic batch dimension (threshold
+            mode pads a batch to its largest kept count and masks the padding); an int: a graph
+            for that batch size only (``1``: single images, no padding; the fastest threshold
+            graph at batch 1).
         inputs: images ``(B, C, H, W)`` to check the export on; default 4 random ones.
         verify: run :func:`verify_export` and raise :class:`ParityError` above ``atol``.
 
@@ -230,20 +249,19 @@ def export_model(
     """
     path = os.fspath(path)
     mode = mode or getattr(model, "prune_mode", "none")
-    _check_request(model, path, format, mode, keep_ratio, opset)
+    _check_request(model, path, format, mode, keep_ratio, opset, batch_size)
     inputs = random_images(model) if inputs is None else inputs.detach().cpu()
-    # A threshold graph takes one image; otherwise trace with two, as torch.export
-    # specialises a dimension of size 1 instead of keeping it dynamic.
-    example = inputs[:1] if mode == "threshold" else inputs.repeat(2, 1, 1, 1)[:2]
-    result = ExportResult(path, format, mode)
+    # A dynamic batch is traced with two images: torch.export specialises a dimension of size 1.
+    example = _tile(inputs, batch_size or 2)
+    result = ExportResult(path, format, mode, batch_size=batch_size)
     with _export_settings(model, mode, keep_ratio), torch.no_grad():
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
         _log.info("exporting %s (mode %s) to %s", format, mode, path)
         if format == "onnx":
-            result.opset = _export_onnx(model, path, example, mode, opset)
+            result.opset = _export_onnx(model, path, example, batch_size, opset)
         elif format == "pt2":
-            _export_pt2(model, path, example, mode)
+            _export_pt2(model, path, example, batch_size)
         else:
             _export_safetensors(model, path)
         if verify:
@@ -283,8 +301,10 @@ def verify_export(model: nn.Module, result: ExportResult, inputs: torch.Tensor, 
     """Run ``inputs`` through the exported file and through ``model`` (already in the
     exported mode) and fill ``result.max_abs_diff``, ``batch_sizes`` and ``kept_counts``.
 
-    Threshold exports are checked one image at a time; the others on batches of 1, 2 and
-    all of ``inputs``. Safetensors must also restore an equal state dict.
+    A graph of any batch size is checked on each image alone, then on the first two and on all
+    of ``inputs`` (threshold mode: batches whose images keep different counts); a graph of a
+    fixed batch size on ``inputs`` in batches of that size (repeated to fill the last).
+    Safetensors must also restore an equal state dict.
 
     Raises:
         ParityError: the largest logit difference is above ``atol``.
@@ -293,16 +313,19 @@ def verify_export(model: nn.Module, result: ExportResult, inputs: torch.Tensor, 
     if result.format == "safetensors":
         _check_state_dict(model, run, result.path)
     n = len(inputs)
-    sizes = [1] * n if result.mode == "threshold" else sorted({1, min(2, n), n})
-    starts = range(n) if result.mode == "threshold" else [0] * len(sizes)
+    if result.batch_size:
+        batches = [_tile(inputs[i:], result.batch_size) for i in range(0, n, result.batch_size)]
+    else:
+        batches = list(inputs.split(1)) + [inputs[:2], inputs][: 2 if n > 2 else 1 if n == 2 else 0]
+    sizes = [len(x) for x in batches]
     worst, kept = 0.0, []
     with torch.no_grad():
-        for start, size in zip(starts, sizes):
-            x = inputs[start : start + size]
+        for x in batches:
             if is_patched(model) and result.mode != "none":
                 out = model.forward_pruned(x)
                 expected = out.logits
-                kept.extend(torch.stack([m.sum(1) for m in out.keep_masks], 1).tolist())
+                if len(kept) < n:
+                    kept.extend(torch.stack([m.sum(1) for m in out.keep_masks], 1).tolist()[: n - len(kept)])
             else:
                 expected = model(x)
             worst = max(worst, (run(x) - expected).abs().max().item())
@@ -320,8 +343,8 @@ def ort_speed(dense_path: str, pruned_path: str, batches: list[torch.Tensor], *,
               threads: int | None = None) -> SpeedResult:
     """Images/s of two ONNX files in onnxruntime, measured in one run.
 
-    Each repeat times the dense file, then the pruned one, on the same ``batches`` (for a
-    threshold export, single images), so load changes on a shared machine hit both alike;
+    Each repeat times the dense file, then the pruned one, on the same ``batches`` (of the
+    batch size a fixed-batch export takes), so load changes on a shared machine hit both alike;
     ``warmup`` repeats are discarded and the median time of the rest is reported.
     """
     import onnxruntime as ort
@@ -379,15 +402,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--atol", type=float, default=ATOL, help="largest allowed logit difference")
     p.add_argument("--no-bench", action="store_true", help="skip the onnxruntime dense vs pruned speed comparison")
-    p.add_argument("--bench-batch", type=int, default=8, help="batch size of the speed comparison (threshold: 1)")
+    p.add_argument("--batch-size", type=int, help="export a graph for this batch size only (1: single images, the fastest "
+                   "threshold graph at batch 1; default: any batch size)")
+    p.add_argument("--bench-batch", type=int, default=8, help="batch size of the speed comparison (default 8; the "
+                   "export's own batch size if it has one)")
     p.add_argument("--bench-repeats", type=int, default=20)
     return p
 
 
 def _report(result: ExportResult) -> None:
     print(f"wrote {result.format} ({result.mode}{f', opset {result.opset}' if result.opset else ''}): {result.path}")
-    checked = (f"{len(result.batch_sizes)} images, one at a time" if result.mode == "threshold"
-               else f"batch sizes {', '.join(map(str, result.batch_sizes))}")
+    checked = f"batch sizes {', '.join(map(str, sorted(set(result.batch_sizes))))}"
     print(f"max |{result.format} - pytorch| = {result.max_abs_diff:.3g} ({checked})")
     if result.mode == "threshold":
         kept = torch.tensor(result.kept_counts, dtype=torch.float)
@@ -404,13 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(args.checkpoint)
         inputs = load_images(args.images, model, args.num_images) if args.images else random_images(model, args.num_images)
         result = export_model(model, args.out, format=args.format, mode=args.mode, keep_ratio=args.keep_ratio,
-                              opset=args.opset, inputs=inputs, atol=args.atol)
+                              opset=args.opset, batch_size=args.batch_size, inputs=inputs, atol=args.atol)
         _report(result)
         if args.format == "onnx" and not args.no_bench:
             with tempfile.TemporaryDirectory() as tmp:
                 dense = export_model(model, os.path.join(tmp, "dense.onnx"), mode="none", opset=result.opset, inputs=inputs)
-                batches = (list(inputs.split(1)) if result.mode == "threshold"
-                           else [inputs.repeat(-(-args.bench_batch // len(inputs)), 1, 1, 1)[: args.bench_batch]])
+                batches = [_tile(inputs, result.batch_size or args.bench_batch)]
                 speed = ort_speed(dense.path, result.path, batches, repeats=args.bench_repeats)
             print(f"onnxruntime images/s at batch {speed.batch_size}: dense {speed.dense:.1f}, "
                   f"pruned {speed.pruned:.1f} ({speed.speedup:.2f}x)")

@@ -447,7 +447,7 @@ class DynViTMixin:
         regroup = False
         if mode == "threshold" and self.threshold_regroup:
             regroup = "compiled" if compiling() else False if tracing() else self.threshold_regroup
-        pack = (mode == "threshold" and B > 1 and bool(self.threshold_pack) and (compiling() or not tracing())
+        pack = (mode == "threshold" and (compiling() or not tracing()) and B > 1 and bool(self.threshold_pack)
                 and self._packable())
         run = _PrunedRun(mode=mode, thresholds=self.keep_threshold if thresholds is None else thresholds,
                          stage_of=self._stage_of_block(), full_rope=rope, details=details, n0=n0, regroup=regroup,
@@ -491,8 +491,10 @@ class DynViTMixin:
                     else:
                         index, index_valid = threshold_indices(logits - run.thresholds[s].to(logits.dtype), valid)
                         groups = None
-                        if B == 1 and not compiling():
-                            index_valid = None  # a single image is never padded (compiled: see compact_indices)
+                        if type(B) is int and B == 1 and not compiling():
+                            # A single image is never padded (compiled, or exported with a symbolic
+                            # batch: a lone kept token is, see largest_count).
+                            index_valid = None
                         elif run.regroup is True or (run.regroup == "auto"
                                                      and B * index.shape[1] * x.shape[-1] ** 2 >= REGROUP_MIN_WORK):
                             # Eager, a large batch: groups of cache-sized tensors beat one packed batch

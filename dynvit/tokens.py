@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .tracing import compiling
+from .tracing import compiling, exporting
 
 __all__ = ["batch_gather", "gather_tokens", "topk_indices", "threshold_indices", "compact_indices", "largest_count",
            "num_kept"]
@@ -110,14 +110,16 @@ def largest_count(count: torch.Tensor, n: int) -> int:
     ``.item()`` rather than ``int()``: under torch.export and torch.compile the count becomes a
     symbolic size (the graph computes it per batch) instead of a guard on one traced value, so
     one graph serves every count. Inside torch.compile (which captures it with ``fullgraph=True``)
-    it is at least 2: inductor's matmul lowering needs to know a data-dependent size is not 1, so
-    a compiled graph pads a lone kept token with one slot, which the caller masks out.
+    and in an exported graph of anything but a single image it is at least 2: inductor's matmul
+    lowering and the exporter's broadcasting checks need to know a data-dependent size is not 1,
+    so such a graph pads a lone kept token with one slot, which the caller masks out.
     """
     top = count.max()
-    if compiling():
+    graph = compiling() or (exporting() and not (isinstance(count.shape[0], int) and count.shape[0] == 1))
+    if graph:
         top = top.clamp(min=min(2, n))
     k = top.item()
-    if compiling():
+    if graph:
         torch._check(k >= min(2, n))
         torch._check(k <= n)
     return k

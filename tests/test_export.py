@@ -46,7 +46,9 @@ def inputs():
 @pytest.fixture(scope="module")
 def onnx_exports(model, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx")
-    return {mode: export_model(model, out / f"{mode}.onnx", mode=mode, inputs=inputs[:4]) for mode in ("topk", "threshold")}
+    exports = {mode: export_model(model, out / f"{mode}.onnx", mode=mode, inputs=inputs[:4]) for mode in ("topk", "threshold")}
+    exports["threshold_b1"] = export_model(model, out / "threshold_b1.onnx", mode="threshold", batch_size=1, inputs=inputs[:4])
+    return exports
 
 
 @functools.cache
@@ -85,15 +87,23 @@ def test_onnx_topk_matches_pytorch_on_several_batch_sizes(model, inputs, onnx_ex
 
 
 def test_onnx_threshold_matches_pytorch_for_different_kept_counts(model, inputs, onnx_exports):
-    path, counts = onnx_exports["threshold"].path, set()
+    counts = set()
     with torch.no_grad():
         for i in range(len(inputs)):
             x = inputs[i : i + 1]
             out = model.forward_pruned(x, "threshold")
             counts.add(tuple(int(m.sum()) for m in out.keep_masks))
-            torch.testing.assert_close(onnx_logits(path, x), out.logits, atol=1e-4, rtol=0)
+            for name in ("threshold", "threshold_b1"):
+                torch.testing.assert_close(onnx_logits(onnx_exports[name].path, x), out.logits, atol=1e-4, rtol=0)
+        # The graph of any batch size: batches whose images keep different counts, padded and masked.
+        for b in (2, 3, 8):
+            expected = model.forward_pruned(inputs[:b], "threshold").logits
+            torch.testing.assert_close(onnx_logits(onnx_exports["threshold"].path, inputs[:b]), expected, atol=1e-4, rtol=0)
     assert len({c[0] for c in counts}) > 1, "test needs images with different kept counts"
     assert model.prune_mode == "threshold" and model.keep_ratio == (0.6, 0.36), "export changed the model's settings"
+    assert onnx_exports["threshold"].batch_size is None and onnx_exports["threshold_b1"].batch_size == 1
+    with pytest.raises(Exception, match="(?i)dimension|shape"):  # a graph for single images takes single images
+        onnx_logits(onnx_exports["threshold_b1"].path, inputs[:2])
 
 
 @pytest.mark.parametrize("dropped", ["discard", "merge", "merge+match", "merge+signals"])
@@ -120,25 +130,33 @@ def test_onnx_threshold_uses_calibrated_thresholds(model, inputs, tmp_path, drop
             out = tuned.forward_pruned(x, "threshold")
             torch.testing.assert_close(onnx_logits(str(result.path), x), out.logits, atol=1e-4, rtol=0)
             kept = [int(m.sum()) for m in out.keep_masks]
-            assert qkv_token_counts(result.path, x, tuned.embed_dim)[3] == tuned.num_prefix_tokens + kept[1]
+            # a lone kept token is padded to two slots in a graph of any batch size (tokens.largest_count)
+            assert qkv_token_counts(result.path, x, tuned.embed_dim)[3] == tuned.num_prefix_tokens + max(kept[1], 2)
             before = [int(m.sum()) for m in model.forward_pruned(x, "threshold").keep_masks]
             fewer += kept[1] < before[1]
     assert fewer > 0, "the calibrated budget (0.16 of the tokens after stage 2) should prune more than p > 0.5"
 
 
-@pytest.mark.parametrize("mode", ["topk", "threshold"])
-def test_onnx_graph_runs_fewer_tokens_after_each_stage(model, inputs, onnx_exports, mode):
-    p = model.num_prefix_tokens
+@pytest.mark.parametrize("name", ["topk", "threshold", "threshold_b1"])
+def test_onnx_graph_runs_fewer_tokens_after_each_stage(model, inputs, onnx_exports, name):
+    p, mode = model.num_prefix_tokens, name.split("_")[0]
     for i in range(3):
         x = inputs[i : i + 1]
         with torch.no_grad():
             kept = [int(m.sum()) for m in model.forward_pruned(x, mode).keep_masks]
+        if name == "threshold":
+            kept = [max(k, 2) for k in kept]  # a graph of any batch size pads a lone kept token to two slots
         expected = [p + 16, p + kept[0], p + kept[0], p + kept[1]]  # blocks 0..3, stages before blocks 1 and 3
-        counts = qkv_token_counts(onnx_exports[mode].path, x, model.embed_dim)
+        counts = qkv_token_counts(onnx_exports[name].path, x, model.embed_dim)
         assert counts == expected
         assert counts[1] < counts[0]
     if mode == "topk":
-        assert qkv_token_counts(onnx_exports[mode].path, inputs, model.embed_dim) == [17, 11, 11, 7]
+        assert qkv_token_counts(onnx_exports[name].path, inputs, model.embed_dim) == [17, 11, 11, 7]
+    if name == "threshold":  # a batch runs its largest kept count
+        with torch.no_grad():
+            largest = [int(m.sum(1).max()) for m in model.forward_pruned(inputs, mode).keep_masks]
+        assert qkv_token_counts(onnx_exports[name].path, inputs, model.embed_dim) == [
+            p + 16, p + largest[0], p + largest[0], p + largest[1]]
 
 
 def test_verify_fails_when_the_export_disagrees(model, inputs, onnx_exports):
@@ -155,8 +173,8 @@ def test_pt2_round_trip_gives_identical_logits(model, inputs, tmp_path, mode):
     result = export_model(model, tmp_path / "model.pt2", format="pt2", mode=mode, inputs=inputs[:3])
     loaded = torch.export.load(str(result.path)).module()
     with torch.no_grad():
-        for x in ([inputs[:1], inputs[:5]] if mode == "topk" else inputs[:3].split(1)):
-            assert torch.equal(loaded(x), model.forward_pruned(x, mode).logits)
+        for x in [inputs[:1], inputs[:5], *inputs[1:3].split(1)]:
+            torch.testing.assert_close(loaded(x), model.forward_pruned(x, mode).logits, atol=1e-5, rtol=0)
     if mode == "threshold":
         assert len({counts[0] for counts in result.kept_counts}) > 1, "test needs images with different kept counts"
 
@@ -186,6 +204,8 @@ def test_errors_name_the_problem(model, tmp_path):
         export_model(model, tmp_path / "m.onnx", mode="threshold", keep_ratio=0.5)
     with pytest.raises(ExportError, match="opset applies to ONNX only"):
         export_model(model, tmp_path / "m.pt2", format="pt2", opset=18)
+    with pytest.raises(ExportError, match="batch_size must be a positive int .* or None"):
+        export_model(model, tmp_path / "m.onnx", batch_size=0)
     with pytest.raises(ExportError, match="format 'tflite' cannot be exported"):
         export_model(model, tmp_path / "m.tflite", format="tflite")
     dense = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=2)

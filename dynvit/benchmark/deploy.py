@@ -130,11 +130,18 @@ def cost_lines(result: dict) -> list[str]:
         lines.append("compiling (the first call at each batch size): " + "; ".join(
             f"{name} " + ", ".join(f"{s:.1f} s at batch {bs}" for bs, s in by.items())
             for name, by in result["compile_seconds"].items()))
-    exported = {n: o for n, o in result["onnx"].items() if "export_seconds" in o}
+    def export(name: str, o: dict) -> str:
+        text = f"{name} {o['export_seconds']:.1f} s (max |diff| {o['max_abs_diff']:.1e})" if "export_seconds" in o else ""
+        if "single_image_export_seconds" in o:
+            text += (" and " if text else f"{name} ") + (f"for single images {o['single_image_export_seconds']:.1f} s "
+                                                         f"(max |diff| {o['single_image_max_abs_diff']:.1e})")
+        return text
+
+    exported = [text for n, o in result["onnx"].items() if (text := export(n, o))]
     if exported:
-        lines.append("ONNX export (checked against PyTorch): " + "; ".join(
-            f"{n} {o['export_seconds']:.1f} s (max |diff| {o['max_abs_diff']:.1e})" for n, o in exported.items())
-            + "; a threshold-mode export takes one image per call, so its batch figures are single images in a loop")
+        lines.append("ONNX export (checked against PyTorch): " + "; ".join(exported)
+                     + "; threshold mode runs batch 1 on its graph for single images (no padding), larger batches "
+                       "on its graph of any batch size (padded to each batch's largest kept count)")
     return lines
 
 

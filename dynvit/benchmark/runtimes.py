@@ -35,12 +35,13 @@ RUNTIMES = ("eager", "compiled", "onnxruntime")
 class OrtModule(nn.Module):
     """An ONNX file run by onnxruntime's CPU provider, called like the model it came from.
 
-    A threshold-mode export takes one image at a time (its kept count is computed in the graph);
-    ``per_image`` runs a batch as that many calls. Spinning of onnxruntime's idle threads is off, so
-    that between its calls it leaves the cores to the models timed beside it.
+    A file exported for single images (``batch_size=1``) runs a batch as that many calls; with
+    ``single_image``, a second file for single images, a batch of one runs that one (threshold
+    mode: a graph without padding). Spinning of onnxruntime's idle threads is off, so that between
+    its calls it leaves the cores to the models timed beside it.
     """
 
-    def __init__(self, path: str, *, per_image: bool = False, threads: int | None = None):
+    def __init__(self, path: str, *, single_image: str | None = None, threads: int | None = None):
         super().__init__()
         import onnxruntime as ort
 
@@ -48,9 +49,13 @@ class OrtModule(nn.Module):
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.per_image = per_image
+        self.single = (ort.InferenceSession(single_image, options, providers=["CPUExecutionProvider"])
+                       if single_image else None)
+        self.per_image = self.session.get_inputs()[0].shape[0] == 1  # a graph for single images only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) == 1 and self.single is not None:
+            return torch.from_numpy(self.single.run(["logits"], {"images": x.numpy()})[0])
         arrays = [b.numpy() for b in (x.split(1) if self.per_image else [x])]
         return torch.cat([torch.from_numpy(self.session.run(["logits"], {"images": a})[0]) for a in arrays])
 
@@ -73,20 +78,29 @@ def _compiled(models: dict[str, nn.Module], images: torch.Tensor, batch_sizes: S
 
 def _onnx(models: dict[str, nn.Module], images: torch.Tensor, folder: str, given: dict[str, str]) -> tuple[dict, dict]:
     """Each model exported to ONNX (or the file ``given`` for it) in onnxruntime, and what the
-    export took and how close it came to PyTorch."""
+    export took and how close it came to PyTorch. A threshold-mode model also gets a graph for
+    single images (no padding), which its batch-1 calls run."""
     sessions, info = {}, {}
     for name, model in models.items():
         mode = model.prune_mode if is_patched(model) else "none"
+        stem = os.path.join(folder, name.replace(" ", "_").replace("/", "_"))
         path = given.get(name)
         if path is None:
-            path = os.path.join(folder, f"{name.replace(' ', '_').replace('/', '_')}.onnx")
+            path = f"{stem}.onnx"
             start = time.perf_counter()
             result = export_model(model, path, mode=mode, inputs=images[:4])
             info[name] = {"path": path, "mode": mode, "export_seconds": time.perf_counter() - start,
                           "max_abs_diff": result.max_abs_diff}
         else:
             info[name] = {"path": path, "mode": mode}
-        sessions[name] = OrtModule(path, per_image=mode == "threshold")
+        single = None
+        if mode == "threshold":
+            single = f"{stem}_batch1.onnx"
+            start = time.perf_counter()
+            result = export_model(model, single, mode=mode, batch_size=1, inputs=images[:4])
+            info[name].update(single_image_path=single, single_image_export_seconds=time.perf_counter() - start,
+                              single_image_max_abs_diff=result.max_abs_diff)
+        sessions[name] = OrtModule(path, single_image=single)
     return sessions, info
 
 
