@@ -52,6 +52,7 @@ from train import train  # noqa: E402
 DENSE_RUN = ["--data.train_subset", "20000", "--train.epochs", "2", "--optim.warmup_epochs", "0.2"]
 PRUNE_RUN: list[str] = []  # the preset as it is: one epoch over all training images (about 5 minutes)
 SPEED_BATCHES = (1, 64)
+SPEED_ROUNDS = 5  # interleaved timing rounds; the median resists a round that something else on the machine slowed
 
 
 def _common(args, out: Path) -> list[str]:
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
     run = Run("speed", argparse.Namespace(json=str(out / "speed.json")), [],
               command="python scripts/demo.py " + " ".join(sys.argv[1:] if argv is None else argv))
     speed = deployment_speed({labels[k]: m for k, m in models.items()}, mixed, SPEED_BATCHES, dense=labels["dense"],
-                             runtimes=args.runtimes, repeats=3, min_seconds=1.0, onnx_files=onnx_files)
+                             runtimes=args.runtimes, repeats=SPEED_ROUNDS, min_seconds=1.0,
+                             onnx_files=onnx_files)
 
     # The tables.
     n0 = dense.patch_embed.num_patches
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
         tokens = _kept(accuracy[key]) or f"{n0}"
         table.append(f"{label:<36} {accuracy[key].top1:>8.2f} {tokens:>34} {gmacs[key]:>8.4f} "
                      f"{gmacs[key] / gmacs['dense']:>8.2f}")
-    table += ["", f"Speed on {len(mixed)} of these images, images/s the median of 3 interleaved rounds, speed-ups against "
+    table += ["", f"Speed on {len(mixed)} of these images, images/s the median of {SPEED_ROUNDS} interleaved rounds, speed-ups against "
                   f"dense in the same runtime:", run.load_line(speed["other_cpu_share"]), "",
               speed_table(speed, {labels[k]: g for k, g in gmacs.items()}, dense=labels["dense"]), "",
               *cost_lines(speed), "",
