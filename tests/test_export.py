@@ -106,6 +106,18 @@ def test_onnx_threshold_matches_pytorch_for_different_kept_counts(model, inputs,
         onnx_logits(onnx_exports["threshold_b1"].path, inputs[:2])
 
 
+def test_onnx_threshold_export_for_a_fixed_batch_size(model, inputs, tmp_path):
+    # A graph for batches of 3: padded to each batch's largest kept count, like a dynamic batch.
+    result = export_model(model, tmp_path / "b3.onnx", mode="threshold", batch_size=3, inputs=inputs[:6])
+    assert result.batch_size == 3 and result.batch_sizes == [3, 3] and len(result.kept_counts) == 6
+    with torch.no_grad():
+        for start in (0, 3):
+            out = model.forward_pruned(inputs[start : start + 3], "threshold")
+            torch.testing.assert_close(onnx_logits(str(result.path), inputs[start : start + 3]), out.logits,
+                                       atol=1e-4, rtol=0)
+    assert len({counts[0] for counts in result.kept_counts}) > 1, "test needs batches with different kept counts"
+
+
 @pytest.mark.parametrize("dropped", ["discard", "merge", "merge+match", "merge+signals"])
 def test_onnx_threshold_uses_calibrated_thresholds(model, inputs, tmp_path, dropped):
     """The thresholds dynvit.calibrate sets are buffers: the exported graph applies them (also
