@@ -19,9 +19,7 @@ __all__ = ["tracing", "compiling", "exporting"]
 
 
 def _exporting() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                or (compiler is not None and getattr(compiler, "is_exporting", bool)()))
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()) or exporting()
 
 
 def tracing() -> bool:
