@@ -85,8 +85,10 @@ class OtherCpuUse:
 
     @staticmethod
     def _this_process() -> float:
+        # process_time() reads the kernel's nanosecond CPU clock; os.times() counts in clock
+        # ticks (10 ms), too coarse for a short block. Children are only counted in ticks.
         t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
+        return time.process_time() + t.children_user + t.children_system
 
     def start(self) -> OtherCpuUse:
         self._start = (self._read(), self._own(), time.perf_counter())
