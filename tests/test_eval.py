@@ -136,7 +136,7 @@ def test_measure_speed_reports_medians():
             s = speed[name][bs]
             assert len(s["repeats"]) == 3 and s["calls_per_repeat"] >= 1
             assert min(s["repeats"]) <= s["images_per_s"] <= max(s["repeats"])
-            assert s["other_cpu_share"] is None or 0.0 <= s["other_cpu_share"] <= 1.05
+            assert s["other_cpu_share"] is None or 0.0 <= s["other_cpu_share"] <= 1.0
     info = bench.machine_info()
     assert info["threads"] == torch.get_num_threads() and info["device"] == "cpu"
     with bench.OtherCpuUse() as ours:

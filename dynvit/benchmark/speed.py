@@ -101,7 +101,8 @@ class OtherCpuUse:
             return
         capacity = (wall - self._start[2]) * (os.cpu_count() or 1)
         others = (end[0] - self._start[0][0]) - self.own_seconds
-        self.share = max(0.0, others) / capacity
+        # /proc/stat counts in clock ticks, so a short interval can read a little over 1
+        self.share = min(1.0, max(0.0, others) / capacity)
         self.steal = (end[1] - self._start[0][1]) / capacity
 
     def __enter__(self):
