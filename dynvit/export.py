@@ -37,7 +37,7 @@ from torch import nn
 from .patch import is_patched
 from .ratios import check_prune_mode
 
-__all__ = ["export_model", "verify_export", "ort_speed", "load_checkpoint", "load_images", "ExportError",
+__all__ = ["export_model", "verify_export", "ort_speed", "load_checkpoint", "load_images", "tile_images", "ExportError",
            "ParityError", "ExportResult", "SpeedResult", "FORMATS", "MIN_OPSET", "main"]
 
 _log = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def load_images(directory: str | os.PathLike, model: nn.Module, num: int = 8) ->
     return torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
 
 
-def _tile(images: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` images: ``images`` repeated as often as needed."""
+def tile_images(images: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` images: ``images`` repeated as often as needed (a batch of any size from a few)."""
     return images.repeat(-(-n // len(images)), 1, 1, 1)[:n]
 
 
@@ -252,7 +252,7 @@ def export_model(
     _check_request(model, path, format, mode, keep_ratio, opset, batch_size)
     inputs = random_images(model) if inputs is None else inputs.detach().cpu()
     # A dynamic batch is traced with two images: torch.export specialises a dimension of size 1.
-    example = _tile(inputs, batch_size or 2)
+    example = tile_images(inputs, batch_size or 2)
     result = ExportResult(path, format, mode, batch_size=batch_size)
     with _export_settings(model, mode, keep_ratio), torch.no_grad():
         if os.path.dirname(path):
@@ -314,7 +314,7 @@ def verify_export(model: nn.Module, result: ExportResult, inputs: torch.Tensor, 
         _check_state_dict(model, run, result.path)
     n = len(inputs)
     if result.batch_size:
-        batches = [_tile(inputs[i:], result.batch_size) for i in range(0, n, result.batch_size)]
+        batches = [tile_images(inputs[i:], result.batch_size) for i in range(0, n, result.batch_size)]
     else:
         batches = list(inputs.split(1)) + [inputs[:2], inputs][: 2 if n > 2 else 1 if n == 2 else 0]
     sizes = [len(x) for x in batches]
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "onnx" and not args.no_bench:
             with tempfile.TemporaryDirectory() as tmp:
                 dense = export_model(model, os.path.join(tmp, "dense.onnx"), mode="none", opset=result.opset, inputs=inputs)
-                batches = [_tile(inputs, result.batch_size or args.bench_batch)]
+                batches = [tile_images(inputs, result.batch_size or args.bench_batch)]
                 speed = ort_speed(dense.path, result.path, batches, repeats=args.bench_repeats)
             print(f"onnxruntime images/s at batch {speed.batch_size}: dense {speed.dense:.1f}, "
                   f"pruned {speed.pruned:.1f} ({speed.speedup:.2f}x)")

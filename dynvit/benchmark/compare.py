@@ -19,12 +19,13 @@ from torch import nn
 
 from ..baselines import patch_evit, patch_random, patch_tome
 from ..calibrate import calibrate
+from ..export import tile_images
 from ..flops import count_flops
 from ..patch import is_patched, patch
 from ..progress import progress
 from ..ratios import normalize_keep_ratio, normalize_prune_loc
 from .accuracy import evaluate, num_patches
-from .speed import measure_speed, paired_speedup, tile
+from .speed import measure_speed, paired_speedup
 
 __all__ = ["METHODS", "dense_backbone", "default_prune_loc", "make_method", "match_tome_r",
            "compare"]
@@ -233,7 +234,7 @@ def compare(
     rows.bar.close()
     if batch_sizes:
         speed_images = images if speed_images is None else speed_images
-        speed = measure_speed(rows.models, tile(speed_images, max(batch_sizes)), batch_sizes, repeats=repeats)
+        speed = measure_speed(rows.models, tile_images(speed_images, max(batch_sizes)), batch_sizes, repeats=repeats)
         for name, row in rows.rows.items():
             row["speed"] = {str(bs): v for bs, v in speed[name].items()}
     _derive(rows.rows)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ..compiled import compile as dynvit_compile
-from ..export import export_model
+from ..export import export_model, tile_images
 from ..patch import is_patched
-from .speed import measure_speed, paired_speedup, tile
+from .speed import measure_speed, paired_speedup
 
 __all__ = ["RUNTIMES", "OrtModule", "deployment_speed"]
 
@@ -70,7 +70,7 @@ def _compiled(models: dict[str, nn.Module], images: torch.Tensor, batch_sizes: S
         for bs in batch_sizes:
             start = time.perf_counter()
             with torch.no_grad():
-                compiled[name](tile(images, bs))
+                compiled[name](tile_images(images, bs))
             seconds[name][bs] = time.perf_counter() - start
             _log.info("compiled %s at batch %d in %.1f s", name, bs, seconds[name][bs])
     return compiled, seconds
@@ -148,7 +148,7 @@ def deployment_speed(
             sessions, result["onnx"] = _onnx(models, images, folder, onnx_files or {})
             timed.update({(name, "onnxruntime"): m for name, m in sessions.items()})
         labels = {f"{name} | {runtime}": (name, runtime) for name, runtime in timed}
-        pool = images if len(images) >= max(batch_sizes) else tile(images, max(batch_sizes))
+        pool = images if len(images) >= max(batch_sizes) else tile_images(images, max(batch_sizes))
         speed = measure_speed({label: timed[key] for label, key in labels.items()}, pool, batch_sizes, repeats=repeats,
                               min_seconds=min_seconds)
     table: dict = {name: {} for name in models}

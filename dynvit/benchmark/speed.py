@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from ..export import tile_images
 from ..progress import progress
 
 __all__ = ["measure_speed", "paired_speedup", "OtherCpuUse", "machine_info"]
@@ -112,12 +113,6 @@ class OtherCpuUse:
         self.stop()
 
 
-def tile(images: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` images: ``images`` repeated as often as needed."""
-    reps = math.ceil(n / len(images))
-    return images.repeat(reps, 1, 1, 1)[:n].contiguous()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -152,7 +147,7 @@ def measure_speed(
     result: dict[str, dict[int, dict]] = {name: {} for name in models}
     bar = progress(desc="timing", total=len(batch_sizes) * repeats * len(models), unit="run")
     for bs in batch_sizes:
-        batches = [tile(images, bs)] if len(images) < 2 * bs else list(images[: len(images) // bs * bs].split(bs))
+        batches = [tile_images(images, bs)] if len(images) < 2 * bs else list(images[: len(images) // bs * bs].split(bs))
         batch = batches[0]
         calls = {}
         for name, model in models.items():
